@@ -1,7 +1,6 @@
 """FAT model: release compatibility (keys, shapes, golden logits), timm integration, speed paths."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

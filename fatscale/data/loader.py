@@ -1,0 +1,451 @@
+"""DALI loaders over the shards that ``data_prep/make_shards.py`` writes.
+
+Train: ``fn.readers.webdataset`` over the manifest's shards and index files, split across ranks
+(``shard_id`` = rank, ``num_shards`` = world size), shuffled through a seeded buffer and by shard
+order after each epoch -> decode fused with the random-resized crop (``mixed`` = nvJPEG on a GPU,
+``cpu`` otherwise) -> bicubic resize -> RandAugment (timm-equivalent, ``fatscale.data.rand_augment``)
+or colour jitter -> flip + normalise -> on the training device: random erasing and
+Mixup/CutMix + label smoothing (timm's, per batch).
+
+Val: resize the shorter side to ``img_size / crop_pct`` (bicubic), centre crop, normalise; every
+sample is evaluated exactly once over all ranks (no padding samples counted).
+
+Epochs (train): the reader's ranges split the N samples into ``world_size`` contiguous parts of
+``floor(N / W)`` or ``ceil(N / W)`` samples. Every rank yields exactly
+``steps_per_epoch = floor(floor(N / W) / batch)`` batches per epoch, so collective operations line
+up; the samples beyond that (fewer than ``W * (batch + 1)`` per epoch, different ones each epoch as
+the order changes) are read and dropped. No sample is seen twice in an epoch.
+
+Corrupt images: a sample DALI's decoder fails on is found, reported (log warning, counted in
+``quarantine``) and replaced without stopping the run: see ``fatscale.data.quarantine``.
+
+Position: ``state_dict()`` holds DALI's checkpoint of the pipeline (reader position, shuffle
+buffer and every random operator's state) after the last batch handed out, so a run resumed
+mid-epoch continues with exactly the batches it had not seen.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
+from timm.data.random_erasing import RandomErasing
+
+from fatscale.data.manifest import Manifest
+from fatscale.data.quarantine import (
+    QuarantinedSample,
+    parse_source_info,
+    read_member,
+    undecodable_reason,
+    write_patched_index,
+)
+from fatscale.data.rand_augment import RandAugmentSpec, rand_augment
+
+log = logging.getLogger(__name__)
+
+READER = "reader"
+MAX_LABEL_DIGITS = 8
+
+
+def _placeholder_jpeg() -> np.ndarray:
+    encoded = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(encoded, "JPEG")
+    return np.frombuffer(encoded.getvalue(), dtype=np.uint8)
+
+
+PLACEHOLDER_JPEG = _placeholder_jpeg()
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the shards are and how the loader runs (the recipe's ``data`` section)."""
+
+    shards: str
+    img_size: int = 224
+    crop_pct: float = 0.875
+    num_threads: int = 4
+    decode_device: str = "auto"  # auto | mixed | cpu
+    shuffle_buffer: int = 4096
+    prefetch: int = 2
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    """Train-time augmentation (the recipe's ``aug`` section); FAT's official setup by default."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4  # as in timm: used only when rand_augment is off
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+
+
+def resolve_decode_device(setting: str, device: torch.device) -> str:
+    if setting not in ("auto", "mixed", "cpu"):
+        raise ValueError(f"data.decode_device must be auto, mixed or cpu, got {setting!r}")
+    if setting == "mixed" and device.type != "cuda":
+        raise ValueError(f"data.decode_device=mixed needs a CUDA training device, got {device}")
+    if setting == "auto":
+        return "mixed" if device.type == "cuda" else "cpu"
+    return setting
+
+
+def _normalize(images, cfg: DataConfig, mirror=None):
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="HWC" if cfg.channels_last else "CHW",
+        mean=[255 * m for m in IMAGENET_DEFAULT_MEAN],
+        std=[255 * s for s in IMAGENET_DEFAULT_STD],
+        mirror=mirror if mirror is not None else 0,
+    )
+
+
+def _labels(cls):
+    # ``.cls`` is decimal ASCII text; padded to a fixed width so the batch is a dense tensor.
+    return fn.pad(cls, fill_value=0, shape=[MAX_LABEL_DIGITS])
+
+
+def _read(paths, index_paths, info_len: int, probe: bool, **reader_args):
+    """The reader, plus the decoder's input. The probe (fatscale.data.quarantine) must have the
+    very operators and outputs of the real pipeline, or its checkpoint would not restore: only a
+    constant differs, which sends every sample down the placeholder branch, where nothing fails."""
+    jpg, cls = fn.readers.webdataset(
+        paths=paths,
+        index_paths=index_paths,
+        ext=["jpg", "cls"],
+        missing_component_behavior="error",
+        name=READER,
+        **reader_args,
+    )
+    info = fn.pad(fn.get_property(jpg, key="source_info"), fill_value=0, shape=[info_len])
+    if jpg.shape()[0] >= (np.iinfo(np.int32).max if probe else 0):
+        encoded = jpg
+    else:
+        encoded = types.Constant(PLACEHOLDER_JPEG, device="cpu")
+    return encoded, _labels(cls), info
+
+
+@pipeline_def(enable_conditionals=True, enable_checkpointing=True)
+def _train_pipeline(paths, index_paths, info_len: int, probe: bool, cfg: DataConfig, aug: AugConfig, decode: str,
+                    shard_id: int, num_shards: int, shuffle_seed: int):
+    encoded, labels, info = _read(
+        paths,
+        index_paths,
+        info_len,
+        probe,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        random_shuffle=True,
+        initial_fill=cfg.shuffle_buffer,
+        shuffle_after_epoch=True,
+        shuffle_after_epoch_seed=shuffle_seed,  # same on every rank: one global shard order
+        pad_last_batch=True,
+    )
+    images = fn.decoders.image_random_crop(
+        encoded,
+        device=decode,
+        output_type=types.RGB,
+        random_area=list(aug.scale),
+        random_aspect_ratio=list(aug.ratio),
+        num_attempts=10,
+    )
+    size = (cfg.img_size, cfg.img_size)
+    images = fn.resize(images, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
+    if aug.rand_augment:
+        images = rand_augment(images, RandAugmentSpec(aug.rand_augment), shape=size)
+    elif aug.color_jitter > 0:
+        jitter = [1 - aug.color_jitter, 1 + aug.color_jitter]
+        images = fn.color_twist(
+            images,
+            brightness=fn.random.uniform(range=jitter),
+            contrast=fn.random.uniform(range=jitter),
+            saturation=fn.random.uniform(range=jitter),
+        )
+    mirror = fn.random.coin_flip(probability=aug.hflip)
+    images = _normalize(images, cfg, mirror)
+    return images, labels, info
+
+
+@pipeline_def(enable_conditionals=True, enable_checkpointing=True)
+def _val_pipeline(paths, index_paths, info_len: int, probe: bool, cfg: DataConfig, decode: str, shard_id: int,
+                  num_shards: int):
+    encoded, labels, info = _read(
+        paths,
+        index_paths,
+        info_len,
+        probe,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        stick_to_shard=True,
+        pad_last_batch=True,  # padding repeats the last sample; the iterator trims it (PARTIAL)
+    )
+    images = fn.decoders.image(encoded, device=decode, output_type=types.RGB)
+    images = fn.resize(
+        images,
+        resize_shorter=math.floor(cfg.img_size / cfg.crop_pct),  # timm's eval scale size
+        interp_type=types.INTERP_CUBIC,
+        antialias=True,
+    )
+    images = fn.crop(images, crop=(cfg.img_size, cfg.img_size), crop_pos_x=0.5, crop_pos_y=0.5)
+    return _normalize(images, cfg), labels, info
+
+
+def decode_labels(raw: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, MAX_LABEL_DIGITS] of zero-padded ASCII digits -> int64 [B]."""
+    digits = raw.long() - ord("0")
+    present = raw != 0
+    if bool(((digits < 0) | (digits > 9))[present].any()):
+        raise ValueError("a .cls entry is not a decimal class index")
+    value = torch.zeros(raw.shape[0], dtype=torch.long, device=raw.device)
+    for column in range(raw.shape[1]):
+        value = torch.where(present[:, column], value * 10 + digits[:, column], value)
+    return value
+
+
+@dataclass
+class LoaderState:
+    epoch: int = 0
+    step: int = 0  # batches handed out in this epoch
+    checkpoint: str | None = None  # DALI pipeline checkpoint (serialized bytes), base64
+    quarantine: list[dict] = field(default_factory=list)  # QuarantinedSample dicts
+
+
+def _encode_checkpoint(checkpoint: bytes | None) -> str | None:
+    return None if checkpoint is None else base64.b64encode(checkpoint).decode("ascii")
+
+
+def _decode_checkpoint(checkpoint: str | None) -> bytes | None:
+    return None if checkpoint is None else base64.b64decode(checkpoint)
+
+
+class _DaliSplit:
+    """One split's DALI pipeline and iterator, with recovery from undecodable samples."""
+
+    policy: LastBatchPolicy
+
+    def __init__(self, manifest: Manifest, split: str, cfg: DataConfig, batch_size: int, rank: int,
+                 world_size: int, device: torch.device, seed: int, quarantine: list[dict]):
+        self.cfg = cfg
+        self.seed = seed
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.decode = resolve_decode_device(cfg.decode_device, device)
+        self.num_samples = manifest.splits[split].num_samples
+        self.paths = manifest.shard_paths(split, cfg.shards)
+        self.index_paths = manifest.index_paths(split, cfg.shards)
+        self.info_len = max(len(p) for p in self.paths) + 64  # "<tar>:<offset>:<member name>"
+        self.quarantine = [QuarantinedSample(**q) for q in quarantine]
+        self._patched_dir: Path | None = None
+        self._last_good: bytes | None = None
+        log.info("%s loader: rank %d/%d, decode on %s", split, rank, world_size, self.decode)
+
+    def _pipeline(self, index_paths: list[str], probe: bool, **kwargs):
+        raise NotImplementedError
+
+    def _start(self, checkpoint: bytes | None) -> None:
+        """(Re)build the pipeline at ``checkpoint`` (None: the start of the first epoch)."""
+        pipe = self._pipeline(self._current_index_paths(), False, **self._pipe_kwargs(checkpoint))
+        self._it = DALIGenericIterator([pipe], ["images", "labels", "info"], reader_name=READER,
+                                       last_batch_policy=self.policy, auto_reset=False, prepare_first_batch=False)
+        self._last_good = checkpoint
+
+    def _pipe_kwargs(self, checkpoint: bytes | None) -> dict:
+        return dict(
+            batch_size=self.batch_size,
+            num_threads=self.cfg.num_threads,
+            device_id=self.device.index if self.device.type == "cuda" else None,
+            seed=self.seed + 1000 * self.rank,
+            prefetch_queue_depth=self.cfg.prefetch,
+            checkpoint=checkpoint,
+        )
+
+    def _current_index_paths(self) -> list[str]:
+        if not self.quarantine:
+            return self.index_paths
+        if self._patched_dir is None:
+            self._patched_dir = Path(tempfile.mkdtemp(prefix="fatscale-index-"))
+        paths = list(self.index_paths)
+        for i, tar in enumerate(self.paths):
+            keys = {q.key: q.reason for q in self.quarantine if q.shard == Path(tar).name}
+            if keys:
+                paths[i] = write_patched_index(self.index_paths[i], keys, self._patched_dir)
+        return paths
+
+    def _next(self) -> dict:
+        """The next batch; raises StopIteration at the end of the reader's epoch."""
+        try:
+            batch = next(self._it)[0]
+        except StopIteration:
+            raise
+        except RuntimeError as error:  # DALI: "Critical error in pipeline"
+            self._recover(error)
+            return self._next()
+        self._last_good = self._it.checkpoints()[0]
+        return batch
+
+    def _end_epoch(self) -> None:
+        self._it.reset()
+        self._last_good = self._it.checkpoints()[0]
+
+    def _recover(self, error: RuntimeError) -> None:
+        """Find the undecodable samples ahead of the last good checkpoint, quarantine them and
+        restart from that checkpoint (module docstring of fatscale.data.quarantine)."""
+        index_paths = self._current_index_paths()
+        index_of = dict(zip(self.paths, index_paths))
+        probe = self._pipeline(index_paths, True, **self._pipe_kwargs(self._last_good))
+        probe.build()
+        known = {(q.shard, q.key) for q in self.quarantine}
+        found = []
+        for _ in range(self.cfg.prefetch + 2):  # the failed batch is at most this far ahead
+            info = probe.run()[2]
+            for i in range(len(info)):
+                tar, offset, key = parse_source_info(bytes(info.at(i)).rstrip(b"\0"))
+                reason = undecodable_reason(read_member(tar, offset, index_of[tar]))
+                if reason and (Path(tar).name, key) not in known:
+                    found.append(QuarantinedSample(Path(tar).name, key, reason))
+                    known.add((Path(tar).name, key))
+        del probe
+        if not found:
+            raise RuntimeError(f"DALI pipeline failed and no undecodable sample was found ahead: {error}") from error
+        for sample in found:
+            log.warning("corrupt sample %s in %s (%s): quarantined", sample.key, sample.shard, sample.reason)
+        self.quarantine += found
+        self._start(self._last_good)
+
+    def _convert(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch["images"].to(self.device, non_blocking=True)
+        if self.cfg.channels_last:
+            images = images.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last
+        return images, decode_labels(batch["labels"]).to(self.device, non_blocking=True)
+
+
+class TrainLoader(_DaliSplit):
+    """Yields ``steps_per_epoch`` (images, targets) batches per epoch; targets are soft labels
+    (with label smoothing) when Mixup/CutMix is on, else class indices (the trainer then applies
+    label smoothing in the loss, as timm's train.py does). A quarantined sample's slot
+    holds a neighbouring sample of the same shard (equal batch sizes on every rank)."""
+
+    policy = LastBatchPolicy.DROP
+
+    def __init__(self, manifest: Manifest, cfg: DataConfig, aug: AugConfig, batch_size: int, rank: int = 0,
+                 world_size: int = 1, num_classes: int | None = None, device: torch.device | str = "cpu",
+                 seed: int = 0, state: LoaderState | None = None):
+        self.state = state or LoaderState()
+        super().__init__(manifest, "train", cfg, batch_size, rank, world_size, torch.device(device), seed,
+                         self.state.quarantine)
+        if aug.rand_augment:
+            RandAugmentSpec(aug.rand_augment)  # fail on a bad string now, not inside DALI
+        self.aug = aug
+        self.steps_per_epoch = (self.num_samples // world_size) // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{cfg.shards}: {self.num_samples} train samples cannot fill one batch of {batch_size} "
+                f"on each of {world_size} ranks"
+            )
+        self.random_erasing = (
+            RandomErasing(aug.reprob, mode="pixel", max_count=1, device=self.device) if aug.reprob > 0 else None
+        )
+        num_classes = num_classes or manifest.num_classes
+        mixing = aug.mixup > 0 or aug.cutmix > 0
+        self.mixup = (
+            Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
+                  switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing, num_classes=num_classes)
+            if mixing else None
+        )
+        if self.mixup is not None and batch_size % 2:
+            raise ValueError(f"Mixup/CutMix needs an even batch per rank, got {batch_size}")
+        self._start(_decode_checkpoint(self.state.checkpoint))
+
+    def _pipeline(self, index_paths: list[str], probe: bool, **kwargs):
+        return _train_pipeline(self.paths, index_paths, self.info_len, probe, self.cfg, self.aug, self.decode,
+                               self.rank, self.world_size, self.seed, **kwargs)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch (the rest of it, after a restore)."""
+        while self.state.step < self.steps_per_epoch:
+            images, labels = self._convert(self._next())
+            self.state.step += 1
+            if self.random_erasing is not None:
+                images = self.random_erasing(images)
+            if self.mixup is not None:
+                images, labels = self.mixup(images, labels)
+            yield images, labels
+        try:  # this rank's extra batches of the epoch are dropped (module docstring)
+            while True:
+                self._next()
+        except StopIteration:
+            pass
+        self._end_epoch()
+        self.state.epoch += 1
+        self.state.step = 0
+
+    def state_dict(self) -> dict:
+        return dict(epoch=self.state.epoch, step=self.state.step, checkpoint=_encode_checkpoint(self._last_good),
+                    quarantine=[q.to_dict() for q in self.quarantine])
+
+
+class ValLoader(_DaliSplit):
+    """Each rank yields its contiguous part of the val split, every sample exactly once; a
+    quarantined sample is left out (and listed in ``quarantine``)."""
+
+    policy = LastBatchPolicy.PARTIAL
+
+    def __init__(self, manifest: Manifest, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu"):
+        super().__init__(manifest, "val", cfg, batch_size, rank, world_size, torch.device(device), 0, [])
+        # The reader's split of N samples over W shards: [floor(N r / W), floor(N (r + 1) / W)).
+        self.rank_samples = (self.num_samples * (rank + 1)) // world_size - (self.num_samples * rank) // world_size
+        self._start(None)
+
+    def _pipeline(self, index_paths: list[str], probe: bool, **kwargs):
+        return _val_pipeline(self.paths, index_paths, self.info_len, probe, self.cfg, self.decode, self.rank,
+                             self.world_size, **kwargs)
+
+    def __len__(self) -> int:
+        return math.ceil(self.rank_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            while True:
+                batch = self._next()
+                images, labels = self._convert(batch)
+                if self.quarantine:
+                    keep = self._not_quarantined(batch["info"])
+                    images, labels = images[keep], labels[keep]
+                yield images, labels
+        except StopIteration:
+            pass
+        self._end_epoch()
+
+    def _not_quarantined(self, info: torch.Tensor) -> torch.Tensor:
+        bad = {(q.shard, q.key) for q in self.quarantine}
+        keep = []
+        for row in info.numpy():
+            tar, _offset, key = parse_source_info(row.tobytes().rstrip(b"\0"))
+            keep.append((Path(tar).name, key) not in bad)
+        return torch.tensor(keep, device=self.device)

@@ -1,0 +1,87 @@
+"""Corrupt samples found while training: how they are recognised and kept out of DALI's way.
+
+DALI cannot skip a sample its decoder fails on: the pipeline stops with a critical error
+(github.com/NVIDIA/DALI/issues/3913). The loader then replays the batches that follow its last
+good checkpoint through the same pipeline with the decoder fed a placeholder (so nothing can
+fail), reads each sample's JPEG from its tar at the offset DALI reports, checks it with PIL, and
+quarantines the undecodable ones: a private copy
+of the shard's index points the sample's slot at the bytes of a neighbouring sample (same
+shard, same components), named after the quarantined key. The sample count is unchanged, so the
+last good checkpoint still restores: training continues exactly where it was, with the neighbour
+in the corrupt sample's place (train) or the slot left out (val).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class QuarantinedSample:
+    shard: str  # tar file name
+    key: str  # sample key in the tar
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def undecodable_reason(encoded: bytes) -> str | None:
+    """Why PIL cannot decode ``encoded`` to RGB pixels, or None when it can."""
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            image.convert("RGB").load()
+    except Exception as e:  # PIL raises many types for bad data; the reason is what matters
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def parse_source_info(info: bytes) -> tuple[str, int, str]:
+    """DALI's webdataset ``source_info`` ("<tar path>:<offset>:<member name>") ->
+    (tar path, offset of the member's bytes, sample key)."""
+    path, offset, member = info.decode().rsplit(":", 2)
+    return path, int(offset), member.split(".", 1)[0]
+
+
+def read_member(tar_path: str, offset: int, index_path: str) -> bytes:
+    """The bytes of the tar member at ``offset``, its size taken from the DALI index."""
+    for line in Path(index_path).read_text().splitlines()[1:]:
+        fields = line.split()
+        for i in range(0, len(fields), 4):
+            if int(fields[i + 1]) == offset:
+                with open(tar_path, "rb") as f:
+                    f.seek(offset)
+                    return f.read(int(fields[i + 2]))
+    raise RuntimeError(f"{index_path}: no member at offset {offset} of {tar_path}")
+
+
+def _entry_key(fields: list[str]) -> str:
+    return fields[3].split(".", 1)[0]  # fields: ext offset size name, repeated per component
+
+
+def write_patched_index(index_path: str, keys: dict[str, str], out_dir: Path) -> str:
+    """Copy of the DALI index at ``index_path`` whose samples in ``keys`` (key -> reason) read
+    the bytes of the nearest earlier (else later) healthy sample. Returns the new path."""
+    lines = Path(index_path).read_text().splitlines()
+    header, entries = lines[0], [line.split() for line in lines[1:] if line.strip()]
+    healthy = [i for i, fields in enumerate(entries) if _entry_key(fields) not in keys]
+    if not healthy:
+        raise RuntimeError(f"{index_path}: every sample is undecodable ({sorted(keys)})")
+    patched = []
+    for i, fields in enumerate(entries):
+        key = _entry_key(fields)
+        if key in keys:
+            donor = entries[max((j for j in healthy if j < i), default=min(healthy))]
+            fields = [
+                part if n % 4 != 3 else f"{key}.{part.split('.', 1)[1]}"  # keep the own key, donor bytes
+                for n, part in enumerate(donor)
+            ]
+        patched.append(" ".join(fields))
+    out = out_dir / os.path.basename(index_path)
+    out.write_text("\n".join([header, *patched]) + "\n")
+    return str(out)

@@ -1,0 +1,117 @@
+"""timm's RandAugment (``rand-m9-mstd0.5-inc1`` and the other ``rand-*`` strings) on DALI.
+
+timm parses the string (``timm.data.auto_augment.rand_augment_transform``): number of layers,
+the op set, per-op probability, magnitude and magnitude std. DALI's ``auto_aug`` operations run
+it, on the GPU when the images are there. Mapping, per image and layer, as timm does per call:
+
+  * op: uniform over timm's set (``inc1`` picks the "Increasing" variants, whose strength grows
+    with the magnitude: DALI's monotonic ranges), applied with the op's probability (0.5);
+  * magnitude: ``clip(N(m, mstd), 0, 10)`` in timm's level units, sampled per op application,
+    quantised to 1/10 level (101 DALI magnitude bins; bin = level * 10);
+  * ranges in timm units mapped onto DALI's ops: rotate 30 deg, shear 0.3, translate 0.45 of the
+    image side, enhance factors 1 +- 0.9 * level / 10 (random sign) for ``*Increasing`` and
+    0.1 + 1.8 * level / 10 otherwise, posterize 4 -> 0 kept bits (DALI keeps at least 1),
+    solarize threshold 256 -> 0, solarize-add 0 -> 110.
+Remaining differences: DALI's geometric ops fill with one grey level, 128 (timm: the ImageNet
+mean colour, 124/116/104) and interpolate bilinearly (timm: the train interpolation, bicubic);
+equalize follows OpenCV's formula (PIL's differs slightly).
+"""
+
+from __future__ import annotations
+
+import re
+
+from nvidia.dali import fn, types
+from nvidia.dali import math as dmath
+from nvidia.dali.auto_aug import augmentations as a
+from nvidia.dali.auto_aug.core import select, signed_bin
+from nvidia.dali.data_node import DataNode
+
+from timm.data.auto_augment import _LEVEL_DENOM, rand_augment_transform
+
+NUM_BINS = 101  # magnitude resolution: 1/10 of a timm level
+_SECTION = re.compile(r"t\w+|(mstd|mmax|inc|m|n|p)\d+(\.\d+)?")
+
+_TIMM_TO_DALI = {
+    "AutoContrast": a.auto_contrast,
+    "Equalize": a.equalize,
+    "Invert": a.invert,
+    "Rotate": a.rotate.augmentation((0, 30), True),
+    "Posterize": a.posterize.augmentation((0, 4), False, a.poster_mask_uint8),
+    "PosterizeIncreasing": a.posterize.augmentation((4, 0), False, a.poster_mask_uint8),
+    "Solarize": a.solarize.augmentation((0, 256), False, None),
+    "SolarizeIncreasing": a.solarize.augmentation((256, 0), False, None),
+    "SolarizeAdd": a.solarize_add,
+    "Color": a.color.augmentation((0.1, 1.9), False, None),
+    "ColorIncreasing": a.color,
+    "Contrast": a.contrast.augmentation((0.1, 1.9), False, None),
+    "ContrastIncreasing": a.contrast,
+    "Brightness": a.brightness.augmentation((0.1, 1.9), False, None),
+    "BrightnessIncreasing": a.brightness,
+    "Sharpness": a.sharpness.augmentation((0.1, 1.9), False, a.sharpness_kernel_shifted),
+    "SharpnessIncreasing": a.sharpness,
+    "ShearX": a.shear_x,
+    "ShearY": a.shear_y,
+    "TranslateXRel": a.translate_x.augmentation((0, 0.45), True),
+    "TranslateYRel": a.translate_y.augmentation((0, 0.45), True),
+}
+
+
+class RandAugmentSpec:
+    """What a timm ``rand-*`` string asks for, checked against what DALI can run."""
+
+    def __init__(self, config: str):
+        # timm skips sections it cannot parse; a typo must not silently change the recipe.
+        sections = config.split("-")
+        bad = [c for c in sections[1:] if not _SECTION.fullmatch(c)]
+        if sections[0] != "rand" or bad:
+            raise ValueError(f"invalid RandAugment string {config!r}: expected rand-<section>-..., bad sections {bad}")
+        try:
+            timm_ra = rand_augment_transform(config, {})
+        except Exception as e:  # timm raises bare AssertionError/KeyError on bad strings
+            raise ValueError(f"invalid RandAugment string {config!r}: {type(e).__name__} {e}") from None
+        if timm_ra.choice_weights is not None:
+            raise ValueError(f"RandAugment {config!r}: weighted op choice ('w' option) is not supported")
+        self.config = config
+        self.num_layers = timm_ra.num_layers
+        self.op_names = [op.name for op in timm_ra.ops]
+        unknown = [name for name in self.op_names if name not in _TIMM_TO_DALI]
+        if unknown:
+            raise ValueError(f"RandAugment {config!r}: no DALI equivalent for timm ops {unknown}")
+        first = timm_ra.ops[0]
+        if any((op.prob, op.magnitude, op.magnitude_std) != (first.prob, first.magnitude, first.magnitude_std) for op in timm_ra.ops):
+            raise ValueError(f"RandAugment {config!r}: per-op settings differ")
+        self.prob = first.prob
+        self.magnitude = float(first.magnitude)
+        self.magnitude_std = float(first.magnitude_std)
+        self.magnitude_max = float(first.magnitude_max or _LEVEL_DENOM)
+        if self.magnitude_max > _LEVEL_DENOM:
+            raise ValueError(f"RandAugment {config!r}: magnitude max above {_LEVEL_DENOM} has no DALI range")
+
+
+def rand_augment(images: DataNode, spec: RandAugmentSpec, shape: DataNode | tuple[int, int]) -> DataNode:
+    """Apply ``spec`` to a batch of uint8 HWC images (needs ``enable_conditionals=True``)."""
+    ops = [_TIMM_TO_DALI[name] for name in spec.op_names] + [a.identity]
+    # Each op with probability spec.prob: the identity takes the rest of the probability mass.
+    n_ops = len(spec.op_names)
+    weights = [spec.prob / n_ops] * n_ops + [1.0 - spec.prob]
+    for _ in range(spec.num_layers):
+        op_idx = fn.random.choice(len(ops), p=weights)
+        if spec.magnitude_std == float("inf"):
+            level = fn.random.uniform(range=[0.0, spec.magnitude])
+        elif spec.magnitude_std > 0:
+            level = fn.random.normal(mean=spec.magnitude, stddev=spec.magnitude_std)
+        else:
+            level = types.Constant(spec.magnitude, dtype=types.FLOAT)
+        # DALI's float -> int cast rounds to nearest.
+        magnitude_bin = fn.cast(dmath.clamp(level, 0.0, spec.magnitude_max) * 10.0, dtype=types.INT32)
+        images = select(
+            ops,
+            op_idx,
+            data=images,
+            magnitude_bin=signed_bin(magnitude_bin),
+            num_magnitude_bins=NUM_BINS,
+            shape=shape,
+            fill_value=128,
+        )
+    return images

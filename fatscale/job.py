@@ -1,0 +1,76 @@
+"""The Slurm job: a picklable, checkpointable callable that submitit runs once per task.
+
+``launch/slurm.py`` pickles a ``TrainJob`` holding the resolved recipe; every task (one per GPU,
+or ``slurm.tasks_per_node`` CPU ranks per node) takes its rank and rendezvous point from Slurm
+(submitit's ``TorchDistributedEnvironment``: rank 0's node is MASTER_ADDR) and runs
+``fatscale.train.train``.
+
+Preemption and time limits: Slurm sends USR2 to every task (``--signal=USR2@90`` before the time
+limit; ``scancel --signal USR2`` or submitit's ``job._interrupt()`` by hand). Each task's handler
+only sets a flag; the trainer sees it at the next step on all ranks at once, saves a checkpoint
+and stops. Then rank 0 hands over to submitit's own USR2 handler, which calls ``checkpoint()``
+below (a new ``TrainJob`` with the requeue count + 1), requeues the job with ``scontrol requeue``
+and exits. The requeued job resumes from that checkpoint and continues the same MLflow run.
+Requeues are bounded by ``slurm.max_requeues`` (preemptions and time limits alike).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import submitit
+import yaml
+
+log = logging.getLogger("fatscale")
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    def __init__(self, recipe_text: str, source: str, requeues: int = 0):
+        self.recipe_text = recipe_text  # resolved at submission: editing the file later changes nothing
+        self.source = source
+        self.requeues = requeues
+
+    def __call__(self) -> dict:
+        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+        # torch is imported already (unpickling this job imports fatscale), too late for
+        # OMP_NUM_THREADS: one thread per CPU Slurm gave this task, not one per core of the node.
+        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
+        from fatscale.config import resolve
+        from fatscale.train import Interrupted, setup_logging, train
+
+        recipe = resolve(yaml.safe_load(self.recipe_text), self.source)
+        setup_logging(Path(recipe.output_dir), dist_env.rank)
+        node = os.environ.get("SLURMD_NODENAME", "")
+        log.info("job %s, requeue %d: rank %d of %d on node %s, master %s:%s", os.environ.get("SLURM_JOB_ID"),
+                 self.requeues, dist_env.rank, dist_env.world_size, node, dist_env.master_addr, dist_env.master_port)
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint() + scontrol requeue + exit
+        stop = threading.Event()
+        signal.signal(signal.SIGUSR2, lambda *_: stop.set())
+        try:
+            summary = train(recipe, self.recipe_text, stop)
+        except Interrupted:
+            if dist_env.rank == 0:
+                requeue(signal.SIGUSR2, None)
+            sys.exit(0)  # the other ranks: done here, rank 0 requeues the job
+        return dict(summary=summary, rank=dist_env.rank, world_size=dist_env.world_size, node=node,
+                    requeues=self.requeues)
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
+        """Called by submitit on rank 0 after the trainer saved: the job to requeue, or None when
+        the recipe's bound on requeues is reached (the job then ends as failed)."""
+        from fatscale.config import resolve
+
+        limit = resolve(yaml.safe_load(self.recipe_text), self.source).slurm.max_requeues
+        if self.requeues >= limit:
+            log.error("not requeued: slurm.max_requeues (%d) reached; resubmit to continue from the checkpoint", limit)
+            return None
+        return submitit.helpers.DelayedSubmission(TrainJob(self.recipe_text, self.source, self.requeues + 1))

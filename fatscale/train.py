@@ -1,0 +1,465 @@
+"""The training loop: one recipe, any number of ranks (CPU with gloo, GPUs with NCCL).
+
+    torchrun --nproc-per-node N -m fatscale.train RECIPE [--set key=value ...]
+    (or launch/local.py, launch/slurm.py, which set the distributed environment)
+
+Top to bottom: distributed setup -> recipe components (data, model, optimizer, scheduler, loss,
+EMA, tracker) -> resume from the latest checkpoint in output_dir, if any -> epochs of DeepSpeed
+steps with periodic logging and checkpoints -> evaluation of the raw and EMA model -> export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import fatscale.models  # noqa: F401  (registers the models; before timm)
+import deepspeed
+import timm
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
+from fatscale import checkpoint as ckpt
+from fatscale.config import Recipe, add_recipe_arguments, dump, flatten, load_recipe_or_exit, to_dict
+from fatscale.data.loader import LoaderState, TrainLoader, ValLoader
+from fatscale.data.manifest import load_manifest
+from fatscale.export import export
+from fatscale.tracking import NullTracker, Tracker, default_tracking_uri
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+
+log = logging.getLogger("fatscale")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite outside fp16 loss scaling."""
+
+
+class Interrupted(Exception):
+    """Training stopped on request (preemption, time limit, SIGTERM) after saving a checkpoint."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}, checkpoint saved")
+        self.step = step
+
+
+# ---------------------------------------------------------------- distributed environment
+
+
+def init_distributed() -> tuple[int, int, int, torch.device]:
+    """rank, world size, local rank and device from the launcher's environment variables."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise RuntimeError(f"environment variable {key} is not set: start through torchrun or launch/*.py")
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, local_rank, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """This rank's host RNG states, as JSON (Mixup draws from NumPy, random erasing from Python
+    and torch, drop path from torch)."""
+    np_state = np.random.get_state()
+    return dict(
+        python=[list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+        numpy=[np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        torch=torch.get_rng_state().tolist(),
+        cuda=[s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    )
+
+
+def set_rng_state(state: dict) -> None:
+    internal, version, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    for i, s in enumerate(state["cuda"]):
+        torch.cuda.set_rng_state(torch.tensor(s, dtype=torch.uint8), i)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------- components
+
+# Plain data classes in DeepSpeed's ZeRO optimizer states. The weights-only unpickler rebuilds
+# them by setting attributes; it calls no code named in the file.
+DEEPSPEED_STATE_CLASSES = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch engine, loading with ``weights_only=True`` (no code from the file runs)."""
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(DEEPSPEED_STATE_CLASSES):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+
+
+def deepspeed_config(recipe: Recipe, world: int) -> dict:
+    t = recipe.train
+    config = {
+        "train_micro_batch_size_per_gpu": t.batch_per_device,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_per_device * t.grad_accum * world,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "steps_per_print": 10**9,  # fatscale logs
+        "wall_clock_breakdown": False,
+    }
+    if t.precision != "fp32":
+        # Autocast keeps fp32 master weights in the module (BatchNorm and EMA stay fp32);
+        # fp16 adds dynamic loss scaling, which skips steps with inf/NaN gradients.
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if t.precision == "bf16" else "float16"}
+    return config
+
+
+def fp16_grad_scaler(engine) -> torch.amp.GradScaler | None:
+    """The torch GradScaler DeepSpeed runs for fp16 autocast (in the engine without ZeRO, in the ZeRO
+    optimizer with it). DeepSpeed does not checkpoint it, so fatscale does, for an exact resume."""
+    return engine.torch_autocast_z0_gradscaler or getattr(engine.optimizer, "torch_autocast_gradscaler", None)
+
+
+def build_model(recipe: Recipe, num_classes: int, world: int, device: torch.device) -> torch.nn.Module:
+    m = recipe.model
+    kwargs = dict(num_classes=num_classes, bidirectional=m.bidirectional)
+    if m.drop_path is not None:
+        kwargs["drop_path_rate"] = m.drop_path
+    model = timm.create_model(m.name, **kwargs)
+    if m.grad_checkpointing:
+        model.set_grad_checkpointing(stages=list(m.grad_checkpointing))
+    if world > 1 and recipe.train.sync_bn:
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:  # torch's SyncBatchNorm runs on GPUs only
+            log.warning("train.sync_bn: no GPU, BatchNorm statistics stay per rank")
+    # Parameters stay contiguous (DeepSpeed broadcasts and flattens them as such); channels_last
+    # inputs from the loader make convolutions run channels_last.
+    return model
+
+
+def build_loss(recipe: Recipe) -> torch.nn.Module:
+    a = recipe.aug
+    if a.mixup > 0 or a.cutmix > 0:
+        return SoftTargetCrossEntropy()  # the loader's Mixup already smoothed the targets
+    if a.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=a.label_smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: ValLoader, device: torch.device, precision: str) -> dict[str, float]:
+    """top-1/top-5 (percent) and loss over every val sample once, summed over ranks."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
+    autocast = precision != "fp32"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    for images, labels in loader:
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            logits = model(images)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        totals[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+        totals[1] += (top5[:, 0] == labels).sum()
+        totals[2] += (top5 == labels[:, None]).any(1).sum()
+        totals[3] += labels.numel()
+    dist.all_reduce(totals)
+    loss_sum, top1, top5, count = totals.tolist()
+    return dict(loss=loss_sum / count, top1=100 * top1 / count, top5=100 * top5 / count, count=count)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None) -> dict[str, float]:
+    """Train ``recipe`` on this rank; returns the final top-1 summary. Setting ``stop`` (from a
+    signal handler, say) on any rank makes every rank save a checkpoint at the next step and
+    raise :class:`Interrupted`."""
+    rank, world, _local_rank, device = init_distributed()
+    t = recipe.train
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    output_dir = Path(recipe.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    if rank == 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+    manifest = load_manifest(recipe.data.shards)
+    num_classes = recipe.model.num_classes or manifest.num_classes
+    seed_everything(recipe.seed)  # identical initial weights on every rank
+    model = build_model(recipe, num_classes, world, device).to(device)
+    global_batch = t.batch_per_device * t.grad_accum * world
+    lr = recipe.optim.lr * global_batch / recipe.optim.lr_base_batch
+    optimizer = create_optimizer_v2(
+        model, opt="adamw", lr=lr, weight_decay=recipe.optim.weight_decay,
+        betas=recipe.optim.betas, eps=recipe.optim.eps,
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(recipe, world))
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+    if recipe.model.compile:
+        engine.compile()
+    ema = ModelEmaV3(engine.module, decay=recipe.ema.decay, use_warmup=recipe.ema.warmup) if recipe.ema.enabled else None
+    loss_fn = build_loss(recipe)
+
+    # Resume: the latest complete checkpoint in output_dir, without being asked.
+    tag = ckpt.latest_tag(checkpoint_dir)
+    progress = dict(epoch=0, global_step=0, best_top1=-1.0, mlflow_run_id=None)
+    loader_state = None
+    if tag is not None:
+        engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+        progress = ckpt.read_json(checkpoint_dir / tag / "progress.json")
+        rank_state = ckpt.read_json(checkpoint_dir / tag / f"rank-{rank}.json")
+        loader_state = LoaderState(**rank_state["loader"])
+        set_rng_state(rank_state["rng"])
+        if rank_state.get("grad_scaler"):
+            fp16_grad_scaler(engine).load_state_dict(rank_state["grad_scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(ckpt.load_ema(checkpoint_dir, tag))
+        if rank == 0:
+            log.info("resuming from %s (epoch %d, step %d)", checkpoint_dir / tag, progress["epoch"], progress["global_step"])
+    else:
+        seed_everything(recipe.seed + 1 + rank)  # per-rank streams for drop path, erasing, Mixup
+
+    train_loader = TrainLoader(manifest, recipe.data, recipe.aug, t.batch_per_device, rank, world, num_classes,
+                               device, seed=recipe.seed, state=loader_state)
+    val_loader = ValLoader(manifest, recipe.data, t.val_batch_per_device, rank, world, device)
+    steps_per_epoch = len(train_loader) // t.grad_accum
+    total_steps = t.epochs * steps_per_epoch
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=t.epochs * steps_per_epoch, lr_min=recipe.optim.min_lr * global_batch / recipe.optim.lr_base_batch,
+        warmup_t=round(recipe.optim.warmup_epochs * steps_per_epoch), warmup_lr_init=recipe.optim.warmup_lr,
+        t_in_epochs=False,
+    )
+    scheduler.step_update(progress["global_step"])
+
+    tracker = NullTracker()
+    if rank == 0:
+        uri = recipe.tracking.uri or default_tracking_uri(str(output_dir))
+        tags = {"model": recipe.model.name, "recipe": recipe.tracking.run_name, "nodes": os.environ.get("SLURM_NNODES", "1"),
+                "job_id": os.environ.get("SLURM_JOB_ID", "local")}
+        tracker = Tracker(uri, recipe.tracking.experiment, recipe.tracking.run_name, progress["mlflow_run_id"], tags,
+                          recipe.tracking.system_metrics)
+        if progress["mlflow_run_id"] is None:
+            params = flatten(to_dict(recipe))
+            params.update(world_size=world, gpus=world if device.type == "cuda" else 0, git_commit=git_commit())
+            tracker.log_params(params)
+            resolved = output_dir / "recipe.yaml"
+            resolved.write_text(recipe_text)
+            tracker.log_artifact(str(resolved))
+        else:
+            tracker.set_tags({"resumed_at_step": str(progress["global_step"])})
+
+    grad_scaler = fp16_grad_scaler(engine)
+
+    def save(is_best: bool = False) -> None:
+        nonlocal last_save
+        step = progress["global_step"]
+        tag = ckpt.tag_for(step)
+        if rank == 0:
+            progress["mlflow_run_id"] = tracker.run_id
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+        rank_state = dict(loader=train_loader.state_dict(), rng=rng_state(),
+                          grad_scaler=grad_scaler.state_dict() if grad_scaler is not None else None)
+        ckpt.write_json_atomic(checkpoint_dir / tag / f"rank-{rank}.json", rank_state)
+        if rank == 0:
+            ckpt.write_json_atomic(checkpoint_dir / tag / "progress.json", progress)
+            if ema is not None:
+                ckpt.save_safetensors_atomic(ema.module.state_dict(), checkpoint_dir / tag / "ema.safetensors")
+        dist.barrier()  # every rank's part is on disk
+        if rank == 0:
+            ckpt.mark_complete(checkpoint_dir, tag, is_best and recipe.checkpoint.keep_best)
+            ckpt.prune(checkpoint_dir, recipe.checkpoint.keep_last)
+        dist.barrier()
+        last_save = time.monotonic()
+
+    def evaluate_and_log() -> dict[str, float]:
+        raw = evaluate(engine.module, val_loader, device, t.precision)
+        metrics = {"val/top1": raw["top1"], "val/top5": raw["top5"], "val/loss": raw["loss"]}
+        if ema is not None:
+            averaged = evaluate(ema.module, val_loader, device, t.precision)
+            metrics.update({"val/top1_ema": averaged["top1"], "val/top5_ema": averaged["top5"], "val/loss_ema": averaged["loss"]})
+        tracker.log_metrics(metrics, progress["global_step"])
+        if rank == 0:
+            log.info("eval epoch %d: %s (%d images)", progress["epoch"], " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
+                     raw["count"])
+        return metrics
+
+    def agree(*flags: bool | torch.Tensor) -> list[bool]:
+        """Each flag, true on any rank: every rank takes the same branch into collective work."""
+        votes = torch.stack([torch.as_tensor(f, device=device).reshape(()).int() for f in flags])
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in votes.tolist()]
+
+    def interrupt() -> None:
+        save()
+        if rank == 0:
+            log.warning("stop requested: saved %s; training stops here", checkpoint_dir / ckpt.tag_for(progress["global_step"]))
+        tracker.set_tags({"interrupted_at_step": str(progress["global_step"])})
+        tracker.finish("KILLED")
+        raise Interrupted(progress["global_step"])
+
+    stop = stop or threading.Event()
+    last_save = time.monotonic()
+    metrics: dict[str, float] = {}
+    start_step = progress["global_step"]
+    started = time.monotonic()
+    window = dict(images=0, wait=0.0, start=time.monotonic())
+    every = recipe.checkpoint
+    try:
+        while progress["global_step"] < total_steps:
+            engine.train()
+            nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # over the micro-steps of a step
+            fetch_start = time.monotonic()
+            for images, targets in train_loader:
+                window["wait"] += time.monotonic() - fetch_start
+                loss = loss_fn(engine(images), targets)
+                if t.precision != "fp16":  # fp16's loss scaler skips steps with inf/NaN gradients itself
+                    nonfinite |= ~torch.isfinite(loss.detach())
+                engine.backward(loss)
+                grad_norm = None
+                if t.zero_stage == 0 and (progress["global_step"] + 1) % t.log_every == 0 and engine.is_gradient_accumulation_boundary():
+                    # DeepSpeed records the norm only in its ZeRO optimizers; before step() clips
+                    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                    grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+                engine.step()
+                window["images"] += images.shape[0] * world
+                fetch_start = time.monotonic()
+                if engine.global_steps == progress["global_step"]:
+                    continue  # accumulating gradients
+                progress["global_step"] = step = engine.global_steps
+                # One collective per step: divergence on any rank, a stop request (signal) on any
+                # rank, and rank 0's clock for time-based saves.
+                save_due = bool(every.every_steps and step % every.every_steps == 0) or (
+                    rank == 0 and every.every_minutes is not None and time.monotonic() - last_save > 60 * every.every_minutes)
+                diverged, stop_now, save_now = agree(nonfinite, stop.is_set(), save_due)
+                if diverged:
+                    raise TrainingDiverged(
+                        f"loss became NaN or infinite (rank {rank}: {loss.item()}) in step {step}, epoch {progress['epoch']}; "
+                        f"stopped without saving: the last good checkpoint is {checkpoint_dir / str(ckpt.latest_tag(checkpoint_dir))}")
+                nonfinite.zero_()
+                scheduler.step_update(step)
+                if ema is not None:
+                    ema.update(engine.module, step=step)
+                if step % t.log_every == 0 and rank == 0:
+                    elapsed = time.monotonic() - window["start"]
+                    rate = window["images"] / elapsed
+                    remaining = (total_steps - step) * (time.monotonic() - started) / max(step - start_step, 1)
+                    if grad_norm is None:
+                        grad_norm = float(engine.get_global_grad_norm())
+                    lr_now = optimizer.param_groups[0]["lr"]
+                    log.info("epoch %d step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f img/s data_wait %.0f%% eta %s",
+                             progress["epoch"], step, total_steps, loss.item(), lr_now, grad_norm, rate,
+                             100 * window["wait"] / elapsed, time.strftime("%H:%M:%S", time.gmtime(remaining)))
+                    tracker.log_metrics({"train/loss": loss.item(), "train/lr": lr_now, "train/grad_norm": grad_norm,
+                                         "train/images_per_s": rate, "train/data_wait": window["wait"] / elapsed}, step)
+                    window = dict(images=0, wait=0.0, start=time.monotonic())
+                if stop_now:
+                    interrupt()
+                if step >= total_steps and train_loader.state.step < len(train_loader):
+                    break  # train.max_steps, mid-epoch
+                if save_now:
+                    save()
+                fetch_start = time.monotonic()
+            progress["epoch"] = train_loader.state.epoch
+            finished = progress["global_step"] >= total_steps
+            is_best = False
+            if finished or progress["epoch"] % t.eval_every == 0:
+                metrics = evaluate_and_log()
+                is_best = metrics["val/top1"] > progress["best_top1"]
+                progress["best_top1"] = max(progress["best_top1"], metrics["val/top1"])
+            save(is_best)  # at every epoch end, and at the end
+            if not finished and agree(stop.is_set())[0]:
+                interrupt()
+
+        if not metrics:  # resumed after the last evaluation
+            metrics = evaluate_and_log()
+        summary = {"top1": metrics["val/top1"], "best_top1": max(progress["best_top1"], metrics["val/top1"])}
+        if ema is not None:
+            summary["top1_ema"] = metrics["val/top1_ema"]
+        if rank == 0:
+            for path in export(output_dir):  # the final checkpoint's raw and EMA weights
+                tracker.log_artifact(str(path), "export")
+            tracker.log_metrics(summary, progress["global_step"])
+            log_file = output_dir / "train.log"
+            if log_file.exists():
+                tracker.log_artifact(str(log_file))
+            tracker.finish("FINISHED")
+            log.info("done: %s", " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
+    except Interrupted:
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    dist.barrier()
+    return summary
+
+
+def setup_logging(output_dir: Path, rank: int) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(output_dir / "train.log"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train a recipe (one process per rank).")
+    add_recipe_arguments(parser)
+    args = parser.parse_args(argv)
+    recipe = load_recipe_or_exit(args.recipe, args.overrides)
+    setup_logging(Path(recipe.output_dir), int(os.environ.get("RANK", "0")))
+    # torchrun passes SIGTERM on to the ranks (and kills them 30 s later): save and stop.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        train(recipe, dump(recipe), stop)
+    except Interrupted as e:
+        log.info("%s; run the same command again to resume", e)
+        sys.exit(128 + signal.SIGTERM)
+    except TrainingDiverged as e:
+        log.error("%s", e)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Submit a recipe to Slurm through submitit; the job requeues and resumes by itself.
+
+    python launch/slurm.py RECIPE --nodes N [--gpus-per-node G] [--tasks-per-node T]
+        [--partition P] [--account A] [--qos Q] [--time D-HH:MM:SS] [--cpus-per-task C]
+        [--mem M] [--constraint C] [--exclusive] [--set key=value ...] [--dry-run]
+
+Cluster settings come from the recipe's ``slurm`` section; flags override it and are validated
+with the recipe. Before anything is queued: the recipe and overrides validate, the manifest and
+every shard are readable from here, the output directory is writable and not in use by a queued
+or running job, and the MLflow tracking server answers (a warning if not). Any failure is one
+line on stderr and nothing is submitted. The job itself is ``fatscale.job.TrainJob``.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing, too
+
+import fatscale  # noqa: E402,F401
+from fatscale import checkpoint as ckpt  # noqa: E402
+from fatscale.config import Recipe, RecipeError, add_recipe_arguments, dump, load_recipe, slurm_minutes  # noqa: E402
+from fatscale.data.manifest import load_manifest  # noqa: E402
+from fatscale.tracking import default_tracking_uri  # noqa: E402
+
+# flag -> recipe key (slurm section); strings are passed as JSON so YAML keeps them strings
+FLAGS = {
+    "nodes": int, "gpus_per_node": int, "tasks_per_node": int, "partition": str, "account": str, "qos": str,
+    "time": str, "cpus_per_task": int, "mem": str, "constraint": str,
+}
+
+
+class PreflightError(RuntimeError):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_recipe_arguments(parser)
+    for name, kind in FLAGS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar=name.upper())
+    parser.add_argument("--exclusive", action="store_true", default=None)
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and the resolved recipe")
+    return parser.parse_args(argv)
+
+
+def resolve_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe with its overrides and flags, paths made absolute, the tracking URI fixed."""
+    overrides = list(args.overrides)
+    for name in [*FLAGS, "exclusive"]:
+        value = getattr(args, name)
+        if value is not None:
+            overrides.append(f"slurm.{name}={json.dumps(value)}")
+    recipe = load_recipe(args.recipe, overrides)
+    # The job runs elsewhere, perhaps in another directory: pin what it must find.
+    output_dir = Path(recipe.output_dir).resolve()
+    pinned = [f"output_dir={json.dumps(str(output_dir))}",
+              f"data.shards={json.dumps(str(Path(recipe.data.shards).resolve()))}",
+              f"tracking.uri={json.dumps(recipe.tracking.uri or default_tracking_uri(str(output_dir)))}",
+              f"tracking.run_name={json.dumps(recipe.tracking.run_name)}"]
+    return load_recipe(args.recipe, overrides + pinned)
+
+
+def check_shards(recipe: Recipe) -> None:
+    manifest = load_manifest(recipe.data.shards)
+    for split in ("train", "val"):
+        for shard in manifest.splits[split].shards:
+            for name in (shard.path, shard.index):
+                path = Path(recipe.data.shards, name)
+                if not os.access(path, os.R_OK):
+                    raise PreflightError(f"data.shards: {path} is missing or not readable")
+            size = Path(recipe.data.shards, shard.path).stat().st_size
+            if size != shard.bytes:
+                raise PreflightError(f"data.shards: {shard.path} has {size} bytes, the manifest says {shard.bytes}")
+
+
+def check_output_dir(recipe: Recipe, folder: Path) -> str | None:
+    """Writable, and no queued or running job of ours uses it. Returns a note when it holds a run
+    that the job will resume."""
+    output_dir = Path(recipe.output_dir)
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise PreflightError(f"output_dir: {output_dir} is not writable ({existing} is not a writable directory)")
+    job_file = folder / "job_id"
+    if job_file.exists():
+        job_id = job_file.read_text().strip()
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        if state:
+            raise PreflightError(f"output_dir: job {job_id} ({state}) already trains into {output_dir}; "
+                                 f"wait for it, cancel it (scancel {job_id}) or choose another output_dir")
+    tag = ckpt.latest_tag(output_dir / "checkpoints")
+    if tag is None:
+        return None
+    progress = ckpt.read_json(output_dir / "checkpoints" / tag / "progress.json")
+    return (f"{output_dir} holds a run at step {progress['global_step']} (epoch {progress['epoch']}): the job "
+            f"resumes it and continues MLflow run {progress['mlflow_run_id']}; for a fresh run, choose another "
+            f"output_dir (--set output_dir=...)")
+
+
+def check_tracking(uri: str) -> str | None:
+    """A warning when the tracking server does not answer (training goes on without it)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).close()
+    except OSError as e:
+        return f"MLflow tracking server {uri} does not answer ({e}); the job trains anyway and sends its metrics when it is back"
+    return None
+
+
+def sbatch_parameters(recipe: Recipe) -> dict:
+    """submitit's Slurm parameters (sbatch names) for the recipe's slurm section."""
+    s = recipe.slurm
+    parameters = dict(
+        job_name=recipe.tracking.run_name,
+        nodes=s.nodes,
+        ntasks_per_node=s.tasks_per_node or s.gpus_per_node,  # one task per GPU
+        cpus_per_task=s.cpus_per_task,
+        time=slurm_minutes(s.time),
+        additional_parameters={"requeue": True},
+    )
+    if s.gpus_per_node:
+        parameters["gpus_per_node"] = s.gpus_per_node
+    optional = dict(partition=s.partition, account=s.account, qos=s.qos, mem=s.mem, constraint=s.constraint)
+    parameters.update({k: v for k, v in optional.items() if v is not None})
+    if s.exclusive:
+        parameters["exclusive"] = True
+    return parameters
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        recipe = resolve_recipe(args)
+        check_shards(recipe)
+        folder = Path(recipe.output_dir) / "slurm"
+        resume_note = check_output_dir(recipe, folder)
+    except (RecipeError, PreflightError) as e:
+        sys.exit(f"error: {e}")
+    parameters = sbatch_parameters(recipe)
+    tracking_warning = check_tracking(recipe.tracking.uri)
+    if tracking_warning:
+        print(f"warning: {tracking_warning}", file=sys.stderr)
+    if resume_note:
+        print(f"resuming: {resume_note}")
+    import submitit
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    if args.dry_run:
+        command = f"{sys.executable} -u -m submitit.core._submit {folder}"
+        print(_make_sbatch_string(command=command, folder=folder, **parameters))
+        print("# resolved recipe\n" + dump(recipe), end="")
+        print("dry run: nothing submitted")
+        return
+
+    from fatscale.job import TrainJob
+
+    folder.mkdir(parents=True, exist_ok=True)
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=recipe.slurm.max_requeues)
+    executor.update_parameters(**{f"slurm_{k}": v for k, v in parameters.items()})
+    job = executor.submit(TrainJob(dump(recipe), args.recipe))
+    (folder / "job_id").write_text(job.job_id)
+    uri = recipe.tracking.uri
+    browse = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+    print(f"submitted job {job.job_id}: {recipe.slurm.nodes} node(s) x {parameters['ntasks_per_node']} task(s)\n"
+          f"  logs:   {job.paths.stdout} (rank 0; %t in {folder}/{job.job_id}_%t_log.*)\n"
+          f"  follow: tail -f {job.paths.stdout}\n"
+          f"  mlflow: experiment {recipe.tracking.experiment!r}, run {recipe.tracking.run_name!r} at {uri}; {browse}")
+
+
+if __name__ == "__main__":
+    main()

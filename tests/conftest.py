@@ -1,0 +1,109 @@
+"""Shared fixtures: real servers the tests start and stop by PID."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class MlflowServer:
+    """A real `mlflow server` on a fixed port and store, so a restart serves the same runs."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if self.process is not None:
+            return
+        log_file = self.root / "server.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=log_file.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"mlflow server did not come up on port {self.port}; see {log_file}")
+                time.sleep(0.2)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, sig)  # the server and its workers
+            self.process.wait(15)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+        deadline = time.monotonic() + 15  # a worker may hold the port a moment longer
+        while port_open(self.port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> Path:
+    """Shards of the built-in shapes set (fatscale/demo.py): 480 train, 160 val samples, 8 classes."""
+    from fatscale.data.shards import make_shards
+    from fatscale.demo import make_demo_images
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_images(root / "images", per_class=60, val_per_class=20, size=56)
+    make_shards(root / "images", root / "shards", samples_per_shard=120, progress=False, log=lambda *a: None)
+    return root / "shards"
+
+
+def demo_recipe(tmp_path: Path, shards: Path, **sections) -> Path:
+    """recipes/demo_cpu.yaml made smaller (48 px, 16 per rank: 15 steps per epoch on 2 ranks),
+    writing into tmp_path/out, with ``sections`` merged in."""
+    base = yaml.safe_load((REPO / "recipes" / "demo_cpu.yaml").read_text())
+    base["output_dir"] = str(tmp_path / "out")
+    base["data"].update(shards=str(shards), img_size=48)
+    base["train"].update(batch_per_device=16, val_batch_per_device=40, log_every=5)
+    base["tracking"]["system_metrics"] = False
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path

@@ -1,0 +1,281 @@
+"""DALI loaders (CPU operators) over real shards of real JPEGs made by make_shards."""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fatscale  # noqa: F401
+from fatscale.data.loader import AugConfig, DataConfig, LoaderState, TrainLoader, ValLoader, decode_labels, resolve_decode_device
+from fatscale.data.manifest import load_manifest
+from fatscale.data.rand_augment import RandAugmentSpec
+from fatscale.data.shards import make_shards
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+NUM_TRAIN = 37  # one image per class, so a label names its sample; uneven over 2 ranks
+NUM_VAL = 101
+IMG = 32
+PLAIN = AugConfig(rand_augment=None, color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
+
+
+def colour(index: int) -> tuple[int, int, int]:
+    """Distinct, JPEG-robust colours: a 5x5x5 grid of levels, index -> (r, g, b)."""
+    levels = [20, 70, 120, 170, 220]
+    return levels[index % 5], levels[(index // 5) % 5], levels[(index // 25) % 5]
+
+
+def nearest_colour_index(rgb: np.ndarray, count: int) -> int:
+    palette = np.array([colour(i) for i in range(count)], dtype=np.float64)
+    return int(np.argmin(((palette - rgb) ** 2).sum(1)))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """train: NUM_TRAIN classes x 1 image; val: NUM_VAL classes... both over the same class list
+    (class i has colour(i)), so images encode their label visibly."""
+    root = tmp_path_factory.mktemp("data")
+    num_classes = max(NUM_TRAIN, NUM_VAL)
+    for split, count in (("train", NUM_TRAIN), ("val", NUM_VAL)):
+        for label in range(num_classes):
+            folder = root / "src" / split / f"n{label:08d}"
+            folder.mkdir(parents=True)
+            if label < count:
+                size = (40 + label % 7, 48 - label % 5)  # assorted sizes
+                Image.new("RGB", size, colour(label)).save(folder / f"img{label}.JPEG", quality=95)
+    make_shards(root / "src", root / "shards", samples_per_shard=10, workers=1, progress=False, log=lambda *a: None)
+    return root / "shards"
+
+
+def data_cfg(shards: Path, **overrides) -> DataConfig:
+    return DataConfig(shards=str(shards), img_size=IMG, num_threads=1, shuffle_buffer=8, **overrides)
+
+
+def denormalize_mean_rgb(images: torch.Tensor) -> np.ndarray:
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    return ((images * std + mean) * 255).mean((2, 3)).numpy()
+
+
+def train_loader(shards: Path, aug: AugConfig = PLAIN, state: LoaderState | None = None, rank: int = 0,
+                 world_size: int = 1, batch: int = 4, seed: int = 0, **cfg) -> TrainLoader:
+    return TrainLoader(load_manifest(shards), data_cfg(shards, **cfg), aug, batch_size=batch, rank=rank,
+                       world_size=world_size, seed=seed, state=state)
+
+
+def test_images_and_labels_stay_aligned_through_augmentation(shards):
+    loader = train_loader(shards, AugConfig(rand_augment=None, color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0,
+                                            label_smoothing=0.0, hflip=0.5))
+    count = 0
+    for _ in range(2):
+        for images, labels in loader:
+            for rgb, label in zip(denormalize_mean_rgb(images), labels.tolist()):
+                assert nearest_colour_index(rgb, max(NUM_TRAIN, NUM_VAL)) == label
+                count += 1
+    assert count == 2 * (NUM_TRAIN // 4) * 4
+
+    val = ValLoader(load_manifest(shards), data_cfg(shards), batch_size=8)
+    for images, labels in val:
+        for rgb, label in zip(denormalize_mean_rgb(images), labels.tolist()):
+            assert nearest_colour_index(rgb, max(NUM_TRAIN, NUM_VAL)) == label
+
+
+def test_train_epochs_cover_each_sample_at_most_once_with_equal_steps(shards):
+    ranks = [train_loader(shards, rank=r, world_size=2, batch=4) for r in range(2)]
+    steps = (NUM_TRAIN // 2) // 4  # floor(floor(37 / 2) / 4) = 4
+    assert [len(r) for r in ranks] == [steps, steps]
+    epochs = []
+    for _ in range(3):
+        seen = []
+        for loader in ranks:
+            batches = list(loader)
+            assert len(batches) == steps
+            seen += [label for _, labels in batches for label in labels.tolist()]
+        assert len(seen) == 2 * steps * 4 == len(set(seen))  # nothing twice in an epoch
+        assert set(seen) <= set(range(NUM_TRAIN))
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+    # Over several epochs the dropped remainder moves: every sample gets seen.
+    assert set().union(*map(set, epochs)) == set(range(NUM_TRAIN))
+
+
+def test_val_counts_every_sample_exactly_once_over_ranks(shards):
+    labels = []
+    for rank in range(2):
+        loader = ValLoader(load_manifest(shards), data_cfg(shards), batch_size=8, rank=rank, world_size=2)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        labels += [label for _, y in batches for label in y.tolist()]
+        assert len(list(loader)) == len(batches)  # a second pass gives the same count
+    assert sorted(labels) == list(range(NUM_VAL))
+
+
+def test_shapes_dtypes_and_normalization(shards):
+    val = ValLoader(load_manifest(shards), data_cfg(shards, channels_last=False), batch_size=8)
+    images, labels = next(iter(val))
+    assert images.shape == (8, 3, IMG, IMG) and images.dtype == torch.float32 and images.is_contiguous()
+    assert labels.dtype == torch.int64
+    # A uniform image normalises to ((c / 255) - mean) / std in every pixel.
+    expected = (torch.tensor([colour(l) for l in labels.tolist()]) / 255 - torch.tensor(IMAGENET_DEFAULT_MEAN)) / torch.tensor(IMAGENET_DEFAULT_STD)
+    torch.testing.assert_close(images.mean((2, 3)), expected.float(), atol=0.06, rtol=0)
+    assert images.std((2, 3)).max() < 0.05
+
+    train = train_loader(shards, AugConfig(rand_augment=None, reprob=0.0, label_smoothing=0.1), batch=4)
+    images, targets = next(iter(train))
+    assert images.shape == (4, 3, IMG, IMG) and images.is_contiguous(memory_format=torch.channels_last)
+    assert targets.shape == (4, NUM_VAL) and targets.dtype == torch.float32  # soft targets
+    torch.testing.assert_close(targets.sum(1), torch.ones(4))
+    assert targets.min() >= 0.1 / NUM_VAL - 1e-6  # label smoothing spreads mass everywhere
+
+
+def run_epochs(loader: TrainLoader, epochs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for _ in range(epochs) for x, y in loader]
+
+
+def seed_host_rngs() -> None:
+    # Random erasing and Mixup draw from Python's, NumPy's and torch's generators (the trainer
+    # seeds them and saves their states).
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def test_same_seed_same_batches_other_seed_other_batches(shards):
+    aug = AugConfig(rand_augment=None, color_jitter=0.4, reprob=0.25)
+    seed_host_rngs()
+    first = run_epochs(train_loader(shards, aug), 1)
+    seed_host_rngs()
+    second = run_epochs(train_loader(shards, aug), 1)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
+    seed_host_rngs()
+    other = run_epochs(train_loader(shards, aug, seed=1), 1)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other))
+
+
+def test_resume_mid_epoch_continues_exactly(shards):
+    """With RandAugment on: the restored pipeline repeats reader order and every random op."""
+    aug = AugConfig(reprob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
+    reference = run_epochs(train_loader(shards, aug), 2)
+
+    loader = train_loader(shards, aug)
+    it = iter(loader)
+    before = [next(it) for _ in range(6)]  # epoch 0 has 9 steps: stop inside epoch 0
+    state = LoaderState(**loader.state_dict())
+    assert (state.epoch, state.step) == (0, 6)
+    resumed = train_loader(shards, aug, state=state)
+    after = run_epochs(resumed, 2)  # the rest of epoch 0, then epoch 1
+    got = before + after
+    assert len(got) == len(reference)
+    for (x, y), (rx, ry) in zip(got, reference):
+        assert torch.equal(y, ry)
+        assert torch.equal(x, rx)
+
+
+def test_rand_augment_spec_follows_timm():
+    spec = RandAugmentSpec("rand-m9-mstd0.5-inc1")
+    assert spec.num_layers == 2 and spec.prob == 0.5
+    assert (spec.magnitude, spec.magnitude_std, spec.magnitude_max) == (9.0, 0.5, 10.0)
+    assert "PosterizeIncreasing" in spec.op_names and "SolarizeAdd" in spec.op_names and len(spec.op_names) == 15
+    assert "Posterize" in RandAugmentSpec("rand-m7-n3").op_names  # inc0 set
+    assert RandAugmentSpec("rand-m7-n3").num_layers == 3
+    with pytest.raises(ValueError, match="rand-m9-bogus"):
+        RandAugmentSpec("rand-m9-bogus")
+
+
+def test_rand_augment_changes_some_images(shards):
+    aug = AugConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
+    plain = AugConfig(rand_augment=None, color_jitter=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0,
+                      reprob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
+    changed = []
+    for (x, y), (px, py) in zip(run_epochs(train_loader(shards, aug), 2), run_epochs(train_loader(shards, plain), 2)):
+        assert torch.equal(y, py)  # same reader order: augmentation is the only difference
+        changed += ((x - px).abs().amax((1, 2, 3)) > 0.1).tolist()
+    # Each of 2 layers applies an op with p=0.5 (some ops, e.g. a small translation of a uniform
+    # image, change little): some images change, some do not.
+    assert 0.3 < sum(changed) / len(changed) < 0.95
+
+
+def test_decode_device_choice():
+    assert resolve_decode_device("auto", torch.device("cpu")) == "cpu"
+    assert resolve_decode_device("auto", torch.device("cuda", 0)) == "mixed"
+    assert resolve_decode_device("cpu", torch.device("cuda", 0)) == "cpu"
+    with pytest.raises(ValueError, match="mixed"):
+        resolve_decode_device("mixed", torch.device("cpu"))
+    with pytest.raises(ValueError, match="gpu"):
+        resolve_decode_device("gpu", torch.device("cpu"))
+
+
+def test_decode_labels():
+    raw = torch.zeros(3, 8, dtype=torch.uint8)
+    for row, text in enumerate(["0", "7", "999"]):
+        raw[row, : len(text)] = torch.tensor(list(text.encode()))
+    assert decode_labels(raw).tolist() == [0, 7, 999]
+    raw[0, 0] = ord("x")
+    with pytest.raises(ValueError):
+        decode_labels(raw)
+
+
+def test_batch_too_large_for_the_split_fails_clearly(shards):
+    with pytest.raises(ValueError, match="cannot fill one batch of 32 on each of 2 ranks"):
+        train_loader(shards, batch=32, world_size=2)
+
+
+def corrupt_copy(shards: Path, dest: Path, split: str, label: int) -> str:
+    """Copy ``shards`` to ``dest`` and truncate, inside its tar, the JPEG of the ``split`` sample
+    of class ``label`` (the tail becomes zeros: DALI's decoder fails on it). Returns its key."""
+    import shutil
+
+    shutil.copytree(shards, dest)
+    for index in sorted(dest.glob(f"{split}-*.idx")):
+        tar = index.with_suffix(".tar")
+        with open(tar, "r+b") as f:
+            for line in index.read_text().splitlines()[1:]:
+                fields = line.split()
+                parts = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)}
+                offset, size, _ = parts["cls"]
+                f.seek(offset)
+                if int(f.read(size)) == label:
+                    offset, size, name = parts["jpg"]
+                    f.seek(offset + size // 3)
+                    f.write(b"\0" * (size - size // 3))
+                    return name.split(".", 1)[0]
+    raise AssertionError(f"no {split} sample of class {label}")
+
+
+def test_corrupt_train_image_is_quarantined_and_training_goes_on(shards, tmp_path):
+    bad_label = 5
+    key = corrupt_copy(shards, tmp_path / "corrupt", "train", bad_label)
+    clean = run_epochs(train_loader(shards), 2)
+    loader = train_loader(tmp_path / "corrupt")
+    got = run_epochs(loader, 2)
+    assert [(q.key, q.shard.startswith("train-")) for q in loader.quarantine] == [(key, True)]
+    assert "truncated" in loader.quarantine[0].reason or "OSError" in loader.quarantine[0].reason
+    assert len(got) == len(clean)
+    for (x, y), (cx, cy) in zip(got, clean):
+        assert x.shape == cx.shape  # full batches
+        same = cy != bad_label
+        assert torch.equal(y[same], cy[same])  # the run continued exactly where it was
+        assert torch.equal(x[same], cx[same])
+        assert bad_label not in y.tolist()  # its slot holds a neighbour, with the neighbour's label
+        for rgb, label in zip(denormalize_mean_rgb(x), y.tolist()):
+            assert nearest_colour_index(rgb, max(NUM_TRAIN, NUM_VAL)) == label
+    # The quarantine travels with the loader state: a resumed run does not hit the sample again.
+    state = LoaderState(**loader.state_dict())
+    assert state.quarantine == [loader.quarantine[0].to_dict()]
+    resumed = train_loader(tmp_path / "corrupt", state=state)
+    assert resumed._current_index_paths() != resumed.index_paths
+    assert len(run_epochs(resumed, 1)) == len(resumed)
+
+
+def test_corrupt_val_image_is_left_out_and_reported(shards, tmp_path):
+    key = corrupt_copy(shards, tmp_path / "corrupt", "val", 42)
+    labels, quarantined = [], []
+    for rank in range(2):
+        loader = ValLoader(load_manifest(tmp_path / "corrupt"), data_cfg(tmp_path / "corrupt"), batch_size=8,
+                           rank=rank, world_size=2)
+        labels += [label for _, y in loader for label in y.tolist()]
+        quarantined += [q.key for q in loader.quarantine]
+    assert quarantined == [key]
+    assert sorted(labels) == [label for label in range(NUM_VAL) if label != 42]

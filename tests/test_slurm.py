@@ -1,0 +1,165 @@
+"""launch/slurm.py against a real Slurm cluster on loopback (fatscale.devcluster): 2 nodes,
+real submitit jobs training with DeepSpeed (gloo) across them, preemption and requeue."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+from mlflow import MlflowClient
+
+from conftest import REPO, demo_recipe
+from fatscale import checkpoint as ckpt
+from fatscale.config import load_recipe, slurm_minutes
+from fatscale.devcluster import DevCluster, DevClusterError
+
+LAUNCH = str(REPO / "launch" / "slurm.py")
+CPU_NODES = {"gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1, "time": "00:20:00"}
+
+
+def test_slurm_time_limits():
+    assert [slurm_minutes(t) for t in ("90", "5:30", "1:00:00", "2-00:00:00", "1-12", "1-12:30")] == [
+        90, 6, 60, 2880, 2160, 2190]
+    assert [slurm_minutes(t) for t in ("0", "1h", "1:2:3:4", "")] == [None] * 4
+
+
+def test_gpu_nodes_get_one_task_per_gpu(tmp_path, demo_shards):
+    sys.path.insert(0, str(REPO / "launch"))
+    import slurm as launcher
+
+    recipe = load_recipe(demo_recipe(tmp_path, demo_shards, slurm={"gpus_per_node": 8, "tasks_per_node": None,
+                                                                    "partition": "gpu", "time": "1-00:00:00"}))
+    parameters = launcher.sbatch_parameters(recipe)
+    assert (parameters["ntasks_per_node"], parameters["gpus_per_node"], parameters["time"]) == (8, 8, 1440)
+    assert parameters["partition"] == "gpu" and parameters["additional_parameters"] == {"requeue": True}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = DevCluster(tmp_path_factory.mktemp("slurm"), nodes=2, cpus_per_node=2)
+    try:
+        cluster.start()
+    except DevClusterError as e:
+        if "not found" in str(e):
+            pytest.skip(f"no Slurm here: {e}")
+        raise
+    environment = pytest.MonkeyPatch()  # submitit runs sacct & co. in this process too
+    try:
+        for key, value in cluster.env.items():
+            environment.setenv(key, value)
+        yield cluster
+    finally:
+        environment.undo()
+        cluster.stop()
+
+
+def submit(cluster, recipe: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, LAUNCH, str(recipe), *args], capture_output=True, text=True, timeout=120)
+
+
+def job_of(submitted: subprocess.CompletedProcess, recipe: Path) -> submitit.SlurmJob:
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
+    return submitit.SlurmJob(folder=Path(load_recipe(recipe).output_dir).resolve() / "slurm", job_id=job_id, tasks=(0, 1))
+
+
+def jobs(cluster) -> set[str]:
+    """Every job the cluster ever accepted (accounting)."""
+    out = subprocess.run(["sacct", "-a", "-X", "-n", "-P", "-o", "JobID", "-S", "2000-01-01"],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def final_state(job: submitit.SlurmJob) -> str:
+    """The job's state once Slurm has it as ended (results are written just before the end, and
+    accounting lags about a second)."""
+    deadline = time.monotonic() + 60
+    while (state := job.watcher.get_state(job.job_id, mode="force")) in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED"):
+        assert time.monotonic() < deadline, f"job {job.job_id} did not end"
+        time.sleep(0.5)
+    return state
+
+
+def only_run(recipe: Path):
+    r = load_recipe(recipe)
+    client = MlflowClient(f"sqlite:///{Path(r.output_dir).resolve()}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name(r.tracking.experiment).experiment_id])
+    return client, run
+
+
+@pytest.mark.slow
+def test_two_node_job_trains_across_nodes_and_finishes_in_mlflow(cluster, tmp_path, demo_shards, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative output_dir is pinned to the submit directory
+    recipe = demo_recipe(tmp_path, demo_shards, train={"epochs": 1}, slurm=CPU_NODES)
+    recipe.write_text(recipe.read_text().replace(str(tmp_path / "out"), "out"))
+    submitted = submit(cluster, recipe, "--nodes", "2")
+    job = job_of(submitted, recipe)
+    assert f"tail -f {tmp_path}/out/slurm/{job.job_id}_0_log.out" in submitted.stdout
+    results = job.results()  # waits; one per task
+    assert {r["node"] for r in results} == set(cluster.node_names)  # one rank on each node
+    assert sorted(r["rank"] for r in results) == [0, 1] and {r["world_size"] for r in results} == {2}
+    assert final_state(job) == "COMPLETED"
+    client, run = only_run(recipe)
+    assert run.info.status == "FINISHED" and run.data.metrics["top1"] == results[0]["summary"]["top1"]
+    assert run.data.tags["nodes"] == "2" and run.data.tags["job_id"] == job.job_id
+    assert run.data.params["world_size"] == "2"
+
+
+@pytest.mark.slow
+def test_preempted_job_requeues_and_resumes_the_same_run(cluster, tmp_path, demo_shards):
+    # Saves only at epoch ends (step 15, 30) and on the interruption.
+    recipe = demo_recipe(tmp_path, demo_shards, train={"epochs": 2},
+                         checkpoint={"every_steps": None, "every_minutes": None}, slurm=CPU_NODES)
+    job = job_of(submit(cluster, recipe, "--nodes", "2"), recipe)
+    log = Path(job.paths.stdout)
+    deadline = time.monotonic() + 300
+    while not (log.exists() and " step 5/30 " in log.read_text()):
+        assert time.monotonic() < deadline and not job.done(), "the job did not reach step 5"
+        time.sleep(0.2)
+    again = submit(cluster, recipe, "--nodes", "2")  # the same output_dir is in use
+    assert again.returncode != 0 and f"job {job.job_id} (RUNNING) already trains into" in again.stderr
+    job._interrupt()  # preemption: SIGTERM, then USR2, as Slurm does
+    results = job.results()
+    assert results[0]["requeues"] == 1 and results[0]["summary"]["top1"] >= 0
+    text = log.read_text()
+    interrupted_at = int(text.split("stop requested: saved ")[1].split("step-")[1][:9])
+    assert 5 <= interrupted_at < 30 and interrupted_at != 15
+    assert f"resuming from {Path(load_recipe(recipe).output_dir) / 'checkpoints' / ckpt.tag_for(interrupted_at)}" in text
+    client, run = only_run(recipe)  # one MLflow run, continued
+    assert run.info.status == "FINISHED" and run.data.tags["interrupted_at_step"] == str(interrupted_at)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [5, 10, 15, 20, 25, 30]
+    assert final_state(job) == "COMPLETED"
+    resubmit = submit(cluster, recipe, "--nodes", "2", "--dry-run")
+    assert resubmit.returncode == 0 and "resuming: " in resubmit.stdout and run.info.run_id in resubmit.stdout
+
+
+def test_dry_run_prints_and_submits_nothing(cluster, tmp_path, demo_shards):
+    recipe = demo_recipe(tmp_path, demo_shards, slurm=CPU_NODES)
+    before = jobs(cluster)
+    out = submit(cluster, recipe, "--nodes", "2", "--partition", "debug", "--time", "1:30:00", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    for line in ("#SBATCH --nodes=2", "#SBATCH --partition=debug", "#SBATCH --time=90", "#SBATCH --requeue",
+                 "#SBATCH --signal=USR2@90", "  nodes: 2", "dry run: nothing submitted"):
+        assert line in out.stdout
+    assert jobs(cluster) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["bad recipe", "missing shards", "unknown override", "bad flag value", "no tasks"])
+def test_bad_input_fails_before_submission(cluster, tmp_path, demo_shards, case):
+    recipe = demo_recipe(tmp_path, demo_shards, slurm=CPU_NODES)
+    args, expected = {
+        "bad recipe": ([], "train.epochs: expected an integer, got 'many'"),
+        "missing shards": (["--set", f"data.shards={tmp_path / 'nowhere'}"], "data.shards: no such directory"),
+        "unknown override": (["--set", "train.epochz=3"], "train.epochz: unknown key"),
+        "bad flag value": (["--time", "forever"], "slurm.time: must be a Slurm time limit"),
+        "no tasks": (["--set", "slurm.tasks_per_node=null"], "slurm.tasks_per_node: required when slurm.gpus_per_node is 0"),
+    }[case]
+    if case == "bad recipe":
+        recipe.write_text(recipe.read_text().replace("epochs: 12", "epochs: many"))
+    before = jobs(cluster)
+    out = submit(cluster, recipe, "--nodes", "2", *args)
+    assert out.returncode != 0
+    assert out.stderr.startswith(f"error: {recipe}: ") and expected in out.stderr and out.stderr.count("\n") == 1
+    assert jobs(cluster) == before

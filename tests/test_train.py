@@ -1,0 +1,221 @@
+"""The training engine end to end: real DeepSpeed ranks (gloo), real DALI, real JPEGs, MLflow."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fatscale.models  # noqa: F401
+import timm
+from conftest import demo_recipe as recipe
+from fatscale import checkpoint as ckpt
+from fatscale.demo import CLASSES
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def launch(recipe_path: Path, *overrides: str) -> subprocess.Popen:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "fatscale.train", str(recipe_path)]
+    for o in overrides:
+        command += ["--set", o]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def run(recipe_path: Path, *overrides: str, timeout: float = 600) -> str:
+    process = launch(recipe_path, *overrides)
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every rank at once (torchrun starts its workers in sessions of their own)."""
+    victims = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
+def test_end_to_end_learns_tracks_and_exports(tmp_path, demo_shards):
+    path = recipe(tmp_path, demo_shards, train={"epochs": 8})
+    launcher = subprocess.run([sys.executable, str(REPO / "launch" / "local.py"), str(path), "--nproc", "2"],
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
+    assert launcher.returncode == 0, launcher.stdout[-4000:] + launcher.stderr[-4000:]
+    out = tmp_path / "out"
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("fatscale-demo").experiment_id])
+    assert mlflow_run.info.status == "FINISHED"
+    metrics = mlflow_run.data.metrics
+    assert f"MLflow run {mlflow_run.info.run_id} (FINISHED)" in launcher.stdout
+    assert f"top1 {metrics['top1']:.2f}%, top1_ema {metrics['top1_ema']:.2f}%" in launcher.stdout
+    assert metrics["top1"] > 2.5 * 100 / len(CLASSES)  # chance is 12.5%
+    assert {"top1_ema", "best_top1", "val/top5", "val/loss", "train/loss", "train/lr"} <= set(metrics)
+    assert mlflow_run.data.params["train.epochs"] == "8" and mlflow_run.data.params["world_size"] == "2"
+    assert mlflow_run.data.tags["model"] == "fat_b0"
+    # export round trip through timm: the same function as the trained module
+    weights = out / "export" / "model_ema.safetensors"
+    # (num_classes in the overlay too: timm drops a head whose size differs from the cfg's)
+    model = timm.create_model("fat_b0", pretrained=True, num_classes=len(CLASSES),
+                              pretrained_cfg_overlay=dict(file=str(weights), num_classes=len(CLASSES))).eval()
+    exported = load_file(str(weights))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.items())
+    tag = ckpt.latest_tag(out / "checkpoints")
+    assert torch.equal(ckpt.load_ema(out / "checkpoints", tag)["head.weight"], model.head.weight.detach())
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, demo_shards):
+    settings = dict(train={"epochs": 2, "max_steps": 24, "deterministic": True},
+                    checkpoint={"every_steps": 4, "keep_last": 2})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    reference = recipe(tmp_path / "a", demo_shards, **settings)
+    run(reference)
+    interrupted = recipe(tmp_path / "b", demo_shards, **settings)
+    process = launch(interrupted)
+    checkpoints = tmp_path / "b" / "out" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill mid-epoch, after the checkpoint of step 8
+        tag = ckpt.latest_tag(checkpoints) if (checkpoints / ckpt.LATEST).exists() else None
+        if tag is not None and int(tag.split("-")[1]) >= 8:
+            break
+        time.sleep(0.05)
+    kill_group(process)
+    killed_at = int(ckpt.latest_tag(checkpoints).split("-")[1])
+    assert 8 <= killed_at < 24
+    out = run(interrupted)
+    assert f"resuming from {checkpoints}/step-{killed_at:09d}" in out
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        a = load_file(str(tmp_path / "a" / "out" / "export" / name))
+        b = load_file(str(tmp_path / "b" / "out" / "export" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key} differs"
+
+
+def test_kill_during_save_leaves_a_loadable_latest_checkpoint(tmp_path, demo_shards):
+    path = recipe(tmp_path, demo_shards, train={"epochs": 1}, checkpoint={"every_steps": 1, "keep_last": 2})
+    checkpoints = tmp_path / "out" / "checkpoints"
+    # Kill while a save is visibly in progress (its directory exists, COMPLETE not yet), at
+    # different depths into it: DeepSpeed's files, the per-rank JSON, the EMA, the pointers.
+    for delay in (0.0, 0.02, 0.05, 0.1):
+        process = launch(path)
+        start = time.monotonic()
+        in_progress = []
+        while not in_progress and process.poll() is None and time.monotonic() - start < 300:
+            if (checkpoints / ckpt.LATEST).exists():  # a complete checkpoint to fall back on
+                in_progress = [p for p in checkpoints.glob("step-*") if not (p / ckpt.COMPLETE).exists()]
+            time.sleep(0.001)
+        assert in_progress, "no save was seen in progress"
+        time.sleep(delay)
+        kill_group(process)
+        tag = ckpt.latest_tag(checkpoints)
+        assert tag is not None and tag != in_progress[0].name
+        # Everything the latest checkpoint needs loads (without unpickling code).
+        assert ckpt.module_state_dict(checkpoints, tag)
+        assert ckpt.load_ema(checkpoints, tag)
+        assert ckpt.read_json(checkpoints / tag / "progress.json")["global_step"] == int(tag.split("-")[1])
+        assert all((checkpoints / tag / f"rank-{r}.json").exists() for r in range(2))
+    run(path)  # and the run still finishes from there
+    assert ckpt.latest_tag(checkpoints) == ckpt.tag_for(480 // (2 * 16))  # one epoch
+    assert not [p for p in checkpoints.glob("step-*") if not (p / ckpt.COMPLETE).exists()]  # leftovers pruned
+
+
+@pytest.mark.parametrize("zero_stage,precision", [(1, "bf16"), (2, "fp16")])
+def test_zero_and_mixed_precision_checkpoints_resume(tmp_path, demo_shards, zero_stage, precision):
+    path = recipe(tmp_path, demo_shards, train={"epochs": 1, "max_steps": 3, "zero_stage": zero_stage,
+                                                 "precision": precision}, checkpoint={"every_steps": 2})
+    run(path)
+    out = run(path, "train.max_steps=5")  # resumes from step 3: DeepSpeed's files load weights_only
+    assert "resuming from" in out and "step-000000003" in out
+    assert ckpt.latest_tag(tmp_path / "out" / "checkpoints") == ckpt.tag_for(5)
+
+
+def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, demo_shards):
+    # AdamW moves every weight by ~lr per step: at 1e30 the logits overflow within a few steps.
+    path = recipe(tmp_path, demo_shards, train={"epochs": 1}, checkpoint={"every_steps": 1},
+                  optim={"lr": 1.0e30, "warmup_epochs": 0})
+    process = launch(path)
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode != 0
+    (message,) = [line.split("ERROR ", 1)[1] for line in out.splitlines() if "fatscale ERROR" in line and "(rank 0:" in line]
+    step = int(message.split(" in step ")[1].split(",")[0])
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert f"stopped without saving: the last good checkpoint is {checkpoints / ckpt.tag_for(step - 1)}" in message
+    assert ckpt.latest_tag(checkpoints) == ckpt.tag_for(step - 1)  # the diverged step was never saved
+    assert ckpt.module_state_dict(checkpoints, ckpt.tag_for(step - 1))  # loads
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out'}/mlflow.db")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("fatscale-demo").experiment_id])
+    assert mlflow_run.info.status == "FAILED"
+
+
+def test_sigterm_saves_stops_and_the_rerun_continues_the_same_mlflow_run(tmp_path, demo_shards):
+    # No periodic saves: any checkpoint before the epoch end comes from the SIGTERM.
+    path = recipe(tmp_path, demo_shards, train={"epochs": 2}, checkpoint={"every_steps": None, "every_minutes": None})
+    process = launch(path)
+    log_file = tmp_path / "out" / "train.log"
+    deadline = time.monotonic() + 300
+    while not (log_file.exists() and " step 5/30 " in log_file.read_text()):
+        assert time.monotonic() < deadline and process.poll() is None, "training did not reach step 5"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGTERM)  # torchrun passes it on to both ranks
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode != 0
+    checkpoints = tmp_path / "out" / "checkpoints"
+    stopped_at = int(ckpt.latest_tag(checkpoints).split("-")[1])
+    assert 5 <= stopped_at < 15 and "run the same command again to resume" in out
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out'}/mlflow.db")
+    (first,) = client.search_runs([client.get_experiment_by_name("fatscale-demo").experiment_id])
+    assert first.info.status == "KILLED" and first.data.tags["interrupted_at_step"] == str(stopped_at)
+
+    out = run(path)
+    assert f"resuming from {checkpoints / ckpt.tag_for(stopped_at)}" in out
+    (resumed,) = client.search_runs([first.info.experiment_id])
+    assert resumed.info.run_id == first.info.run_id and resumed.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")] == [5, 10, 15, 20, 25, 30]
+    assert ckpt.latest_tag(checkpoints) == ckpt.tag_for(30)
+
+
+def test_tracks_over_http_through_a_server_outage(tmp_path, demo_shards, mlflow_server):
+    path = recipe(tmp_path, demo_shards, train={"epochs": 2}, tracking={"uri": mlflow_server.uri, "experiment": "outage"},
+                  checkpoint={"every_steps": 10})
+    mlflow_server.start()
+    client = MlflowClient(mlflow_server.uri)
+    process = launch(path)
+    checkpoints = tmp_path / "out" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while True:  # the first metrics reach the server, then it goes away
+        experiment = client.get_experiment_by_name("outage")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+            break
+        assert time.monotonic() < deadline and process.poll() is None, "no metrics reached the server"
+        time.sleep(0.2)
+    mlflow_server.stop(signal.SIGKILL)
+    while ckpt.latest_tag(checkpoints) != ckpt.tag_for(20):  # training goes on without the server
+        assert time.monotonic() < deadline and process.poll() is None, "training stalled without the server"
+        time.sleep(0.2)
+    mlflow_server.start()
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-4000:]
+    assert "unreachable" in out
+    run_id = runs[0].info.run_id
+    mlflow_run = client.get_run(run_id)
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.metrics["top1"] >= 0
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [5, 10, 15, 20, 25, 30]
+    assert [m.step for m in client.get_metric_history(run_id, "val/top1_ema")] == [15, 30]
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"recipe.yaml", "train.log", "export"}
