@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 import fatscale  # noqa: F401
-from fatscale.config import RecipeError, flatten, load_recipe, to_dict
+from fatscale.config import RecipeError, flatten, load_recipe, resolve, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -113,12 +113,19 @@ def test_missing_shard_directory_and_manifest(tmp_path):
         load_recipe(write(tmp_path, recipe))
 
 
-def test_print_resolved_recipe_command(tmp_path):
-    path = write(tmp_path, minimal(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "fatscale.config", str(path), "--set", "train.epochs=5"],
-                         capture_output=True, text=True)
+def test_print_resolved_recipe_command(tmp_path, demo_shards):
+    recipe = minimal(tmp_path)
+    path = write(tmp_path, recipe)
+    command = [sys.executable, "-m", "fatscale.config", str(path), "--set", "train.epochs=5"]
+    out = subprocess.run(command, capture_output=True, text=True)
     assert out.returncode == 1  # tmp_path holds no shards: the check fails in one line
     assert out.stderr.strip().count("\n") == 0 and "data.shards" in out.stderr
-    r = load_recipe(path, check_shards=False)
-    flat = flatten(to_dict(r))
+    recipe["data"]["shards"] = str(demo_shards)
+    write(tmp_path, recipe)
+    out = subprocess.run(command, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    printed = yaml.safe_load(out.stdout)  # every key, defaults filled in, overrides applied
+    assert printed["train"]["epochs"] == 5 and printed["optim"]["lr"] == 5e-4 and printed["tracking"]["run_name"] == "r"
+    assert resolve(printed, "printed") == load_recipe(path, ["train.epochs=5"])  # complete and faithful
+    flat = flatten(to_dict(load_recipe(path)))
     assert flat["train.epochs"] == 3 and flat["optim.lr"] == 5e-4 and flat["model.name"] == "fat_b0"
