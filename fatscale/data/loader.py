@@ -149,12 +149,7 @@ def _read(paths, index_paths, info_len: int, probe: bool, **reader_args):
 def _train_pipeline(paths, index_paths, info_len: int, probe: bool, cfg: DataConfig, aug: AugConfig, decode: str,
                     shard_id: int, num_shards: int, shuffle_seed: int):
     encoded, labels, info = _read(
-        paths,
-        index_paths,
-        info_len,
-        probe,
-        shard_id=shard_id,
-        num_shards=num_shards,
+        paths, index_paths, info_len, probe, shard_id=shard_id, num_shards=num_shards,
         random_shuffle=True,
         initial_fill=cfg.shuffle_buffer,
         shuffle_after_epoch=True,
@@ -190,12 +185,7 @@ def _train_pipeline(paths, index_paths, info_len: int, probe: bool, cfg: DataCon
 def _val_pipeline(paths, index_paths, info_len: int, probe: bool, cfg: DataConfig, decode: str, shard_id: int,
                   num_shards: int):
     encoded, labels, info = _read(
-        paths,
-        index_paths,
-        info_len,
-        probe,
-        shard_id=shard_id,
-        num_shards=num_shards,
+        paths, index_paths, info_len, probe, shard_id=shard_id, num_shards=num_shards,
         stick_to_shard=True,
         pad_last_batch=True,  # padding repeats the last sample; the iterator trims it (PARTIAL)
     )
