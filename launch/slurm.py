@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     uri = recipe.tracking.uri
     browse = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
     print(f"submitted job {job.job_id}: {recipe.slurm.nodes} node(s) x {parameters['ntasks_per_node']} task(s)\n"
-          f"  logs:   {job.paths.stdout} (rank 0; %t in {folder}/{job.job_id}_%t_log.*)\n"
+          f"  logs:   {job.paths.stdout} (rank 0; rank R: {folder}/{job.job_id}_R_log.out and .err)\n"
           f"  follow: tail -f {job.paths.stdout}\n"
           f"  mlflow: experiment {recipe.tracking.experiment!r}, run {recipe.tracking.run_name!r} at {uri}; {browse}")
 
