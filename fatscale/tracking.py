@@ -45,9 +45,15 @@ MIN_BACKOFF_S, MAX_BACKOFF_S = 1.0, 10.0  # between retries of the queue's head
 FINISH_RETRY_S = 0.5  # retry interval while finish() waits
 
 
-def default_tracking_uri(output_dir: str) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the run's output directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+def tracking_uri(configured: str | None, output_dir: str) -> str:
+    """Where a run logs: the recipe's ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite
+    store in the run's output directory."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def browse_command(uri: str) -> str:
+    """What a user runs to look at the runs stored at ``uri``."""
+    return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
 
 
 class Tracker:

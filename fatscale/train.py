@@ -37,7 +37,7 @@ from fatscale.config import Recipe, add_recipe_arguments, dump, flatten, load_re
 from fatscale.data.loader import LoaderState, TrainLoader, ValLoader
 from fatscale.data.manifest import load_manifest
 from fatscale.export import export
-from fatscale.tracking import NullTracker, Tracker, default_tracking_uri
+from fatscale.tracking import NullTracker, Tracker, tracking_uri
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -273,10 +273,9 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
 
     tracker = NullTracker()
     if rank == 0:
-        uri = recipe.tracking.uri or default_tracking_uri(str(output_dir))
         tags = {"model": recipe.model.name, "recipe": recipe.tracking.run_name, "nodes": os.environ.get("SLURM_NNODES", "1"),
                 "job_id": os.environ.get("SLURM_JOB_ID", "local")}
-        tracker = Tracker(uri, recipe.tracking.experiment, recipe.tracking.run_name, progress["mlflow_run_id"], tags,
+        tracker = Tracker(tracking_uri(recipe.tracking.uri, recipe.output_dir), recipe.tracking.experiment, recipe.tracking.run_name, progress["mlflow_run_id"], tags,
                           recipe.tracking.system_metrics)
         if progress["mlflow_run_id"] is None:
             params = flatten(to_dict(recipe))

@@ -68,9 +68,9 @@ def print_result(recipe) -> None:
     """The final top-1 as MLflow has it, and how to browse the run."""
     from mlflow import MlflowClient
 
-    from fatscale.tracking import default_tracking_uri
+    from fatscale.tracking import browse_command, tracking_uri
 
-    uri = recipe.tracking.uri or default_tracking_uri(recipe.output_dir)
+    uri = tracking_uri(recipe.tracking.uri, recipe.output_dir)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(recipe.tracking.experiment)
     (run,) = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{recipe.tracking.run_name}'",
@@ -79,8 +79,7 @@ def print_result(recipe) -> None:
     print(f"MLflow run {run.info.run_id} ({run.info.status}) in experiment {recipe.tracking.experiment!r}: "
           f"top1 {metrics['top1']:.2f}%, top1_ema {metrics.get('top1_ema', float('nan')):.2f}%, "
           f"best_top1 {metrics['best_top1']:.2f}%")
-    browse = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
-    print(f"checkpoints and exported weights in {recipe.output_dir}; browse the run with: {browse}")
+    print(f"checkpoints and exported weights in {recipe.output_dir}; browse the run with: {browse_command(uri)}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import fatscale  # noqa: E402,F401
 from fatscale import checkpoint as ckpt  # noqa: E402
 from fatscale.config import Recipe, RecipeError, add_recipe_arguments, dump, load_recipe, slurm_minutes  # noqa: E402
 from fatscale.data.manifest import load_manifest  # noqa: E402
-from fatscale.tracking import default_tracking_uri  # noqa: E402
+from fatscale.tracking import browse_command, tracking_uri  # noqa: E402
 
 # flag -> recipe key (slurm section); strings are passed as JSON so YAML keeps them strings
 FLAGS = {
@@ -61,7 +61,7 @@ def resolve_recipe(args: argparse.Namespace) -> Recipe:
     output_dir = Path(recipe.output_dir).resolve()
     pinned = [f"output_dir={json.dumps(str(output_dir))}",
               f"data.shards={json.dumps(str(Path(recipe.data.shards).resolve()))}",
-              f"tracking.uri={json.dumps(recipe.tracking.uri or default_tracking_uri(str(output_dir)))}",
+              f"tracking.uri={json.dumps(tracking_uri(recipe.tracking.uri, str(output_dir)))}",
               f"tracking.run_name={json.dumps(recipe.tracking.run_name)}"]
     return load_recipe(args.recipe, overrides + pinned)
 
@@ -166,11 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     job = executor.submit(TrainJob(dump(recipe), args.recipe))
     (folder / "job_id").write_text(job.job_id)
     uri = recipe.tracking.uri
-    browse = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
     print(f"submitted job {job.job_id}: {recipe.slurm.nodes} node(s) x {parameters['ntasks_per_node']} task(s)\n"
           f"  logs:   {job.paths.stdout} (rank 0; rank R: {folder}/{job.job_id}_R_log.out and .err)\n"
           f"  follow: tail -f {job.paths.stdout}\n"
-          f"  mlflow: experiment {recipe.tracking.experiment!r}, run {recipe.tracking.run_name!r} at {uri}; {browse}")
+          f"  mlflow: experiment {recipe.tracking.experiment!r}, run {recipe.tracking.run_name!r} at {uri}; {browse_command(uri)}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from conftest import free_port
-from fatscale.tracking import HTTP_ENV_DEFAULTS, NullTracker, Tracker, default_tracking_uri
+from fatscale.tracking import HTTP_ENV_DEFAULTS, NullTracker, Tracker, tracking_uri
 
 
 @pytest.fixture(scope="module")
@@ -182,12 +182,13 @@ def test_server_outage_loses_nothing(mlflow_server, tmp_path, caplog):
     assert len(warnings) == 2 and all("unreachable" in w for w in warnings)
 
 
-def test_default_tracking_uri(tmp_path, monkeypatch):
+def test_tracking_uri(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert default_tracking_uri("out") == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    assert tracking_uri(None, "out") == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
-    assert default_tracking_uri("out") == "http://tracking:5000"
+    assert tracking_uri(None, "out") == "http://tracking:5000"
+    assert tracking_uri("http://recipe:5000", "out") == "http://recipe:5000"  # the recipe's wins
 
 
 def test_null_tracker_does_nothing(tmp_path):
