@@ -48,6 +48,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from fatscale.train import Interrupted, setup_logging, train
 
         recipe = resolve(yaml.safe_load(self.recipe_text), self.source)
+        self.max_requeues = recipe.slurm.max_requeues  # for checkpoint(), which submitit calls in this process
         setup_logging(Path(recipe.output_dir), dist_env.rank)
         node = os.environ.get("SLURMD_NODENAME", "")
         log.info("job %s, requeue %d: rank %d of %d on node %s, master %s:%s", os.environ.get("SLURM_JOB_ID"),
@@ -67,10 +68,8 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
         """Called by submitit on rank 0 after the trainer saved: the job to requeue, or None when
         the recipe's bound on requeues is reached (the job then ends as failed)."""
-        from fatscale.config import resolve
-
-        limit = resolve(yaml.safe_load(self.recipe_text), self.source).slurm.max_requeues
-        if self.requeues >= limit:
-            log.error("not requeued: slurm.max_requeues (%d) reached; resubmit to continue from the checkpoint", limit)
+        if self.requeues >= self.max_requeues:
+            log.error("not requeued: slurm.max_requeues (%d) reached; resubmit to continue from the checkpoint",
+                      self.max_requeues)
             return None
         return submitit.helpers.DelayedSubmission(TrainJob(self.recipe_text, self.source, self.requeues + 1))

@@ -237,6 +237,7 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
         engine.compile()
     ema = ModelEmaV3(engine.module, decay=recipe.ema.decay, use_warmup=recipe.ema.warmup) if recipe.ema.enabled else None
     loss_fn = build_loss(recipe)
+    grad_scaler = fp16_grad_scaler(engine)
 
     # Resume: the latest complete checkpoint in output_dir, without being asked.
     tag = ckpt.latest_tag(checkpoint_dir)
@@ -249,7 +250,7 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
         loader_state = LoaderState(**rank_state["loader"])
         set_rng_state(rank_state["rng"])
         if rank_state.get("grad_scaler"):
-            fp16_grad_scaler(engine).load_state_dict(rank_state["grad_scaler"])
+            grad_scaler.load_state_dict(rank_state["grad_scaler"])
         if ema is not None:
             ema.module.load_state_dict(ckpt.load_ema(checkpoint_dir, tag))
         if rank == 0:
@@ -286,8 +287,6 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
             tracker.log_artifact(str(resolved))
         else:
             tracker.set_tags({"resumed_at_step": str(progress["global_step"])})
-
-    grad_scaler = fp16_grad_scaler(engine)
 
     def save(is_best: bool = False) -> None:
         nonlocal last_save
@@ -371,9 +370,11 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
                     rank == 0 and every.every_minutes is not None and time.monotonic() - last_save > 60 * every.every_minutes)
                 diverged, stop_now, save_now = agree(nonfinite, stop.is_set(), save_due)
                 if diverged:
+                    last_good = ckpt.latest_tag(checkpoint_dir)
                     raise TrainingDiverged(
                         f"loss became NaN or infinite (rank {rank}: {loss.item()}) in step {step}, epoch {progress['epoch']}; "
-                        f"stopped without saving: the last good checkpoint is {checkpoint_dir / str(ckpt.latest_tag(checkpoint_dir))}")
+                        "stopped without saving: " + (f"the last good checkpoint is {checkpoint_dir / last_good}"
+                                                      if last_good else "there is no checkpoint yet"))
                 nonfinite.zero_()
                 scheduler.step_update(step)
                 if ema is not None:
@@ -423,10 +424,8 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
                 tracker.log_artifact(str(log_file))
             tracker.finish("FINISHED")
             log.info("done: %s", " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
-    except Interrupted:
-        raise
     except BaseException:
-        tracker.finish("FAILED")
+        tracker.finish("FAILED")  # a no-op after interrupt(): the run stays KILLED
         raise
     dist.barrier()
     return summary

@@ -13,6 +13,7 @@ line on stderr and nothing is submitted. The job itself is ``fatscale.job.TrainJ
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -58,12 +59,11 @@ def resolve_recipe(args: argparse.Namespace) -> Recipe:
             overrides.append(f"slurm.{name}={json.dumps(value)}")
     recipe = load_recipe(args.recipe, overrides)
     # The job runs elsewhere, perhaps in another directory: pin what it must find.
-    output_dir = Path(recipe.output_dir).resolve()
-    pinned = [f"output_dir={json.dumps(str(output_dir))}",
-              f"data.shards={json.dumps(str(Path(recipe.data.shards).resolve()))}",
-              f"tracking.uri={json.dumps(tracking_uri(recipe.tracking.uri, str(output_dir)))}",
-              f"tracking.run_name={json.dumps(recipe.tracking.run_name)}"]
-    return load_recipe(args.recipe, overrides + pinned)
+    output_dir = str(Path(recipe.output_dir).resolve())
+    return dataclasses.replace(
+        recipe, output_dir=output_dir,
+        data=dataclasses.replace(recipe.data, shards=str(Path(recipe.data.shards).resolve())),
+        tracking=dataclasses.replace(recipe.tracking, uri=tracking_uri(recipe.tracking.uri, output_dir)))
 
 
 def check_shards(recipe: Recipe) -> None:
