@@ -8,7 +8,12 @@ Both loaders apply FAT's train augmentation: random-resized crop (0.08-1, bicubi
 RandAugment rand-m9-mstd0.5-inc1, normalisation, random erasing (0.25, per-pixel noise); Mixup
 is left out of both (it is the same timm code on the same device either way).
   baseline: webdataset + PIL + timm's create_transform, torch DataLoader with --workers workers;
+  baseline, nearest warps: the same with RandAugment's rotate/shear/translate resampled by the
+    nearest neighbour, as fatscale's CPU operators do (aug.rand_augment_interp: auto), so the
+    ratio against it shows what does not come from that choice;
   fatscale: TrainLoader (DALI, --workers threads; decode on the GPU with --device cuda).
+The consuming process runs one torch thread, as each DataLoader worker does: it runs fatscale's
+random erasing, and idle torch threads spinning there would take cores from DALI's threads.
 The first epoch of each warms up (DALI builds its graph, workers start) and is not timed.
 timm's PosterizeIncreasing reaches 0 kept bits near magnitude 10, which Pillow >= 11 rejects; the
 baseline keeps at least 1 bit there, as DALI does.
@@ -20,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import fatscale  # noqa: F401  (before timm)
 import webdataset as wds
@@ -62,13 +68,17 @@ def _posterize_at_least_one_bit(img, bits_to_keep, **kwargs):
     return timm_auto_augment.posterize(img, max(bits_to_keep, 1), **kwargs)
 
 
-def baseline(shards: Path, args: argparse.Namespace):
+def baseline(shards: Path, args: argparse.Namespace, warp_resample: int | None = None):
     for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
         timm_auto_augment.NAME_TO_OP[name] = _posterize_at_least_one_bit
     transform = create_transform(
         args.img_size, is_training=True, auto_augment=RAND_AUGMENT, interpolation="bicubic",
         re_prob=0.25, re_mode="pixel", re_count=1,
     )
+    if warp_resample is not None:
+        rand_augment = next(t for t in transform.transforms if isinstance(t, timm_auto_augment.RandAugment))
+        for op in rand_augment.ops:
+            op.kwargs["resample"] = warp_resample
     urls = [str(p) for p in sorted(shards.glob("train-*.tar"))]
     dataset = (
         wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker, empty_check=False)
@@ -101,15 +111,18 @@ def main() -> None:
     args = parser.parse_args()
     if not args.images.is_dir():
         raise SystemExit(f"loader_speed: error: no image directory {args.images}")
-    torch.set_num_threads(args.workers)
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_sample_shards(args.images, Path(tmp))
         print(f"{load_manifest(shards).splits['train'].num_samples} images, batch {args.batch}, "
               f"{args.workers} workers/threads, {args.img_size}px, device {args.device}, timed epochs {args.epochs - 1}")
         base = time_epochs(baseline(shards, args), args.epochs, args.device)
         print(f"baseline (webdataset + PIL + timm, DataLoader) {base:8.1f} img/s", flush=True)
+        nearest = time_epochs(baseline(shards, args, Image.NEAREST), args.epochs, args.device)
+        print(f"baseline, nearest RandAugment warps            {nearest:8.1f} img/s", flush=True)
         fast = time_epochs(dali(shards, args), args.epochs, args.device)
-        print(f"fatscale (DALI TrainLoader)                    {fast:8.1f} img/s   x{fast / base:.2f}")
+        print(f"fatscale (DALI TrainLoader)                    {fast:8.1f} img/s   "
+              f"x{fast / base:.2f} (x{fast / nearest:.2f} against nearest warps)")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,7 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("aug.scale", lambda v: 0 < v[0] <= v[1] <= 1, "0 < min <= max <= 1"),
     ("aug.ratio", lambda v: 0 < v[0] <= v[1], "0 < min <= max"),
     ("aug.hflip", lambda v: 0 <= v <= 1, "a probability"),
+    ("aug.rand_augment_interp", lambda v: v in ("auto", "nearest", "linear"), "auto, nearest or linear"),
     ("aug.color_jitter", lambda v: v >= 0, "non-negative"),
     ("aug.reprob", lambda v: 0 <= v <= 1, "a probability"),
     ("aug.mixup", lambda v: v >= 0, "non-negative"),

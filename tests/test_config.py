@@ -57,6 +57,8 @@ def test_official_setup_in_300ep_recipes(variant, drop_path):
         ({"optim": {"betas": [0.9]}}, "r.yaml: optim.betas: expected a list of 2 values, got [0.9]"),
         ({"aug": {"reprob": 1.5}}, "r.yaml: aug.reprob: must be a probability, got 1.5"),
         ({"aug": {"rand_augment": "rand-m9-msdt0.5"}}, "r.yaml: aug.rand_augment: invalid RandAugment string"),
+        ({"aug": {"rand_augment_interp": "bicubic"}},
+         "r.yaml: aug.rand_augment_interp: must be auto, nearest or linear, got 'bicubic'"),
         ({"model": {"name": "fat_b9"}}, "r.yaml: model.name: must be a timm model"),
         ({"model": {"name": "fat_b0", "drop_path": 1.5}}, "r.yaml: model.drop_path: must be in [0, 1), got 1.5"),
         ({"train": {"epochs": 3, "batch_per_device": 7}}, "r.yaml: train.batch_per_device: Mixup/CutMix needs an even batch"),

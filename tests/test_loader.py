@@ -6,12 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
 import fatscale  # noqa: F401
 from fatscale.data.loader import AugConfig, DataConfig, LoaderState, TrainLoader, ValLoader, decode_labels, resolve_decode_device
 from fatscale.data.manifest import load_manifest
-from fatscale.data.rand_augment import RandAugmentSpec
+from fatscale.data.rand_augment import RandAugmentSpec, rand_augment, warp_interp
 from fatscale.data.shards import make_shards
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -195,6 +196,31 @@ def test_rand_augment_changes_some_images(shards):
     # Each of 2 layers applies an op with p=0.5 (some ops, e.g. a small translation of a uniform
     # image, change little): some images change, some do not.
     assert 0.3 < sum(changed) / len(changed) < 0.95
+
+
+def test_rand_augment_warp_interpolation():
+    """Geometric ops only, always applied, on black/white checkerboards: nearest-neighbour warps
+    (``auto`` on CPU operators) yield only the input levels and the grey fill; bilinear ones blend."""
+    spec = RandAugmentSpec("rand-m9-n1-p1.0")  # also a fixed magnitude (no mstd)
+    spec.op_names = ["Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]
+    board = (np.indices((48, 48)).sum(0) // 3 % 2 * 255).astype(np.uint8)
+    boards = [np.repeat(board[:, :, None], 3, axis=2)] * 16
+
+    @pipeline_def(enable_conditionals=True, batch_size=16, num_threads=1, device_id=None, seed=3)
+    def warped(interp: str):
+        images = fn.external_source(source=lambda: boards, batch=True, layout="HWC")
+        return rand_augment(images, spec, shape=(48, 48), interp=interp)
+
+    def levels(interp: str) -> set[int]:
+        pipe = warped(interp)
+        pipe.build()
+        out = np.stack([np.array(pipe.run()[0].at(i)) for i in range(16)])
+        assert (out != boards).any(axis=(1, 2, 3)).all()  # every image was warped
+        return set(np.unique(out).tolist())
+
+    assert levels("auto") == levels("nearest") == {0, 128, 255}
+    assert len(levels("linear")) > 3
+    assert warp_interp("auto", "gpu") == types.INTERP_LINEAR
 
 
 def test_decode_device_choice():

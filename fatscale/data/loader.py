@@ -90,6 +90,7 @@ class AugConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    rand_augment_interp: str = "auto"  # its rotate/shear/translate: auto | nearest | linear
     color_jitter: float = 0.4  # as in timm: used only when rand_augment is off
     reprob: float = 0.25
     mixup: float = 0.8
@@ -167,7 +168,7 @@ def _train_pipeline(paths, index_paths, info_len: int, probe: bool, cfg: DataCon
     size = (cfg.img_size, cfg.img_size)
     images = fn.resize(images, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
     if aug.rand_augment:
-        images = rand_augment(images, RandAugmentSpec(aug.rand_augment), shape=size)
+        images = rand_augment(images, RandAugmentSpec(aug.rand_augment), shape=size, interp=aug.rand_augment_interp)
     elif aug.color_jitter > 0:
         jitter = [1 - aug.color_jitter, 1 + aug.color_jitter]
         images = fn.color_twist(

@@ -5,7 +5,8 @@ the op set, per-op probability, magnitude and magnitude std. DALI's ``auto_aug``
 it, on the GPU when the images are there. Mapping, per image and layer, as timm does per call:
 
   * op: uniform over timm's set (``inc1`` picks the "Increasing" variants, whose strength grows
-    with the magnitude: DALI's monotonic ranges), applied with the op's probability (0.5);
+    with the magnitude: DALI's monotonic ranges), applied with the op's probability (0.5): a coin
+    per image and layer, then the choice among the ops;
   * magnitude: ``clip(N(m, mstd), 0, 10)`` in timm's level units, sampled per op application,
     quantised to 1/10 level (101 DALI magnitude bins; bin = level * 10);
   * ranges in timm units mapped onto DALI's ops: rotate 30 deg, shear 0.3, translate 0.45 of the
@@ -13,8 +14,9 @@ it, on the GPU when the images are there. Mapping, per image and layer, as timm 
     0.1 + 1.8 * level / 10 otherwise, posterize 4 -> 0 kept bits (DALI keeps at least 1),
     solarize threshold 256 -> 0, solarize-add 0 -> 110.
 Remaining differences: DALI's geometric ops fill with one grey level, 128 (timm: the ImageNet
-mean colour, 124/116/104) and interpolate bilinearly (timm: the train interpolation, bicubic);
-equalize follows OpenCV's formula (PIL's differs slightly).
+mean colour, 124/116/104) and interpolate bilinearly or with the nearest neighbour (timm: the
+train interpolation, bicubic; see ``warp_interp``); equalize follows OpenCV's formula (PIL's
+differs slightly).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from nvidia.dali.data_node import DataNode
 from timm.data.auto_augment import _LEVEL_DENOM, rand_augment_transform
 
 NUM_BINS = 101  # magnitude resolution: 1/10 of a timm level
+WARP_INTERPS = {"nearest": types.INTERP_NN, "linear": types.INTERP_LINEAR}
 _SECTION = re.compile(r"t\w+|(mstd|mmax|inc|m|n|p)\d+(\.\d+)?")
 
 _TIMM_TO_DALI = {
@@ -89,29 +92,45 @@ class RandAugmentSpec:
             raise ValueError(f"RandAugment {config!r}: magnitude max above {_LEVEL_DENOM} has no DALI range")
 
 
-def rand_augment(images: DataNode, spec: RandAugmentSpec, shape: DataNode | tuple[int, int]) -> DataNode:
-    """Apply ``spec`` to a batch of uint8 HWC images (needs ``enable_conditionals=True``)."""
-    ops = [_TIMM_TO_DALI[name] for name in spec.op_names] + [a.identity]
-    # Each op with probability spec.prob: the identity takes the rest of the probability mass.
-    n_ops = len(spec.op_names)
-    weights = [spec.prob / n_ops] * n_ops + [1.0 - spec.prob]
+def warp_interp(setting: str, device: str) -> types.DALIInterpType:
+    """The interpolation of the geometric ops (rotate, shear, translate) for ``aug.rand_augment_interp``
+    on images on ``device``. ``auto``: bilinear on the GPU, nearest-neighbour on CPU operators, where
+    DALI's bilinear warp costs ~10x its nearest one (BENCHMARKS.md). Nearest is also what the
+    reference RandAugment (TensorFlow, tensorflow/tpu ``autoaugment.py``) warps with."""
+    if setting == "auto":
+        return types.INTERP_NN if device == "cpu" else types.INTERP_LINEAR
+    return WARP_INTERPS[setting]
+
+
+def rand_augment(images: DataNode, spec: RandAugmentSpec, shape: DataNode | tuple[int, int],
+                 interp: str) -> DataNode:
+    """Apply ``spec`` to a batch of uint8 HWC images (needs ``enable_conditionals=True``);
+    ``interp``: an ``aug.rand_augment_interp`` setting (``warp_interp``)."""
+    interp_type = warp_interp(interp, images.device)
+    ops = [_TIMM_TO_DALI[name] for name in spec.op_names]
     for _ in range(spec.num_layers):
-        op_idx = fn.random.choice(len(ops), p=weights)
-        if spec.magnitude_std == float("inf"):
-            level = fn.random.uniform(range=[0.0, spec.magnitude])
-        elif spec.magnitude_std > 0:
-            level = fn.random.normal(mean=spec.magnitude, stddev=spec.magnitude_std)
+        # As timm: a uniform op choice, applied with the op's probability. Samples that skip the
+        # op leave at this one split instead of walking select's tree of ops.
+        op_idx = fn.random.choice(len(ops))
+        apply = fn.random.coin_flip(probability=spec.prob, dtype=types.BOOL)
+        if spec.magnitude_std == 0:
+            magnitude_bin = round(min(spec.magnitude, spec.magnitude_max) * 10)
         else:
-            level = types.Constant(spec.magnitude, dtype=types.FLOAT)
-        # DALI's float -> int cast rounds to nearest.
-        magnitude_bin = fn.cast(dmath.clamp(level, 0.0, spec.magnitude_max) * 10.0, dtype=types.INT32)
-        images = select(
-            ops,
-            op_idx,
-            data=images,
-            magnitude_bin=signed_bin(magnitude_bin),
-            num_magnitude_bins=NUM_BINS,
-            shape=shape,
-            fill_value=128,
-        )
+            if spec.magnitude_std == float("inf"):
+                level = fn.random.uniform(range=[0.0, spec.magnitude])
+            else:
+                level = fn.random.normal(mean=spec.magnitude, stddev=spec.magnitude_std)
+            # DALI's float -> int cast rounds to nearest.
+            magnitude_bin = fn.cast(dmath.clamp(level, 0.0, spec.magnitude_max) * 10.0, dtype=types.INT32)
+        if apply:
+            images = select(
+                ops,
+                op_idx,
+                data=images,
+                magnitude_bin=signed_bin(magnitude_bin),
+                num_magnitude_bins=NUM_BINS,
+                shape=shape,
+                fill_value=128,
+                interp_type=interp_type,
+            )
     return images
