@@ -26,9 +26,9 @@ import yaml
 import fatscale.models  # noqa: F401  (registers the FAT models with timm)
 import timm
 
-from fatscale.data.loader import AugConfig, DataConfig
+from fatscale.data.loader import DECODE_DEVICES, AugConfig, DataConfig
 from fatscale.data.manifest import ManifestError, load_manifest
-from fatscale.data.rand_augment import RandAugmentSpec
+from fatscale.data.rand_augment import WARP_INTERPS, RandAugmentSpec
 
 
 class RecipeError(ValueError):
@@ -136,13 +136,13 @@ _RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("data.img_size", lambda v: v >= 32, "at least 32"),
     ("data.crop_pct", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("data.num_threads", lambda v: v >= 1, "at least 1"),
-    ("data.decode_device", lambda v: v in ("auto", "mixed", "cpu"), "auto, mixed or cpu"),
+    ("data.decode_device", lambda v: v in DECODE_DEVICES, "auto, mixed or cpu"),
     ("data.shuffle_buffer", lambda v: v >= 1, "at least 1"),
     ("data.prefetch", lambda v: v >= 1, "at least 1"),
     ("aug.scale", lambda v: 0 < v[0] <= v[1] <= 1, "0 < min <= max <= 1"),
     ("aug.ratio", lambda v: 0 < v[0] <= v[1], "0 < min <= max"),
     ("aug.hflip", lambda v: 0 <= v <= 1, "a probability"),
-    ("aug.rand_augment_interp", lambda v: v in ("auto", "nearest", "linear"), "auto, nearest or linear"),
+    ("aug.rand_augment_interp", lambda v: v == "auto" or v in WARP_INTERPS, "auto, nearest or linear"),
     ("aug.color_jitter", lambda v: v >= 0, "non-negative"),
     ("aug.reprob", lambda v: 0 <= v <= 1, "a probability"),
     ("aug.mixup", lambda v: v >= 0, "non-negative"),

@@ -100,8 +100,11 @@ class AugConfig:
     label_smoothing: float = 0.1
 
 
+DECODE_DEVICES = ("auto", "mixed", "cpu")
+
+
 def resolve_decode_device(setting: str, device: torch.device) -> str:
-    if setting not in ("auto", "mixed", "cpu"):
+    if setting not in DECODE_DEVICES:
         raise ValueError(f"data.decode_device must be auto, mixed or cpu, got {setting!r}")
     if setting == "mixed" and device.type != "cuda":
         raise ValueError(f"data.decode_device=mixed needs a CUDA training device, got {device}")
