@@ -19,6 +19,7 @@ is JSON and safetensors.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +31,8 @@ from safetensors.torch import load_file, save_file
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 BEST = "best"
+
+log = logging.getLogger(__name__)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -89,16 +92,25 @@ def mark_complete(checkpoint_dir: Path, tag: str, is_best: bool) -> None:
 
 def prune(checkpoint_dir: Path, keep_last: int) -> list[str]:
     """Delete all but the newest ``keep_last`` complete checkpoints (and the best), and any
-    incomplete leftovers of killed saves. Returns the deleted tags."""
+    incomplete leftovers of killed saves. Returns the deleted tags; one that cannot be deleted is
+    named in a warning (it stays on disk) and tried again at the next prune."""
     protected = {p.read_text().strip() for p in (checkpoint_dir / LATEST, checkpoint_dir / BEST) if p.exists()}
     tags = sorted(p.name for p in checkpoint_dir.glob("step-*") if p.is_dir())
     complete = [t for t in tags if (checkpoint_dir / t / COMPLETE).exists()]
     keep = set(complete[-keep_last:]) | protected
     # Called by rank 0 right after a save completed: an incomplete directory is what a killed
     # save left behind.
-    deleted = [t for t in tags if t not in keep]
-    for tag in deleted:
-        shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)
+    deleted = []
+    for tag in tags:
+        if tag in keep:
+            continue
+        try:
+            shutil.rmtree(checkpoint_dir / tag)
+        except OSError as e:
+            log.warning("cannot delete old checkpoint %s (%s: %s); it stays on disk", checkpoint_dir / tag,
+                        e.filename, e.strerror)
+        else:
+            deleted.append(tag)
     return deleted
 
 

@@ -26,8 +26,8 @@ import yaml
 import fatscale.models  # noqa: F401  (registers the FAT models with timm)
 import timm
 
-from fatscale.data.loader import DECODE_DEVICES, AugConfig, DataConfig
-from fatscale.data.manifest import ManifestError, load_manifest
+from fatscale.data.loader import DECODE_DEVICES, AugConfig, DataConfig, train_steps_per_epoch
+from fatscale.data.manifest import Manifest, ManifestError, load_manifest
 from fatscale.data.rand_augment import WARP_INTERPS, RandAugmentSpec
 
 
@@ -354,6 +354,22 @@ def check_data(recipe: Recipe, source: str) -> None:
     for split in ("train", "val"):
         if split not in manifest.splits:
             raise RecipeError(f"{source}: data.shards: {shards} has no {split} split")
+    num_classes = recipe.model.num_classes
+    if num_classes is not None and num_classes < manifest.num_classes:
+        raise RecipeError(f"{source}: model.num_classes: {num_classes} is fewer than the {manifest.num_classes} "
+                          f"classes of data.shards {shards} (labels up to {manifest.num_classes - 1})")
+
+
+def check_world(recipe: Recipe, manifest: Manifest, world_size: int, source: str) -> None:
+    """The recipe trains at least one step per epoch on ``world_size`` ranks (for launchers, which
+    know the world size; the trainer checks it again)."""
+    t = recipe.train
+    train_samples = manifest.splits["train"].num_samples
+    if train_steps_per_epoch(train_samples, world_size, t.batch_per_device) // t.grad_accum == 0:
+        raise RecipeError(
+            f"{source}: train.batch_per_device: {t.batch_per_device} x train.grad_accum {t.grad_accum} on each of "
+            f"{world_size} ranks needs at least {t.batch_per_device * t.grad_accum * world_size} train samples per "
+            f"epoch, data.shards has {train_samples} ({train_samples // world_size} per rank): zero steps per epoch")
 
 
 def to_dict(recipe: Recipe) -> dict:

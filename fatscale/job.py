@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 import submitit
 import yaml
@@ -49,7 +48,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         recipe = resolve(yaml.safe_load(self.recipe_text), self.source)
         self.max_requeues = recipe.slurm.max_requeues  # for checkpoint(), which submitit calls in this process
-        setup_logging(Path(recipe.output_dir), dist_env.rank)
+        setup_logging(dist_env.rank)
         node = os.environ.get("SLURMD_NODENAME", "")
         log.info("job %s, requeue %d: rank %d of %d on node %s, master %s:%s", os.environ.get("SLURM_JOB_ID"),
                  self.requeues, dist_env.rank, dist_env.world_size, node, dist_env.master_addr, dist_env.master_port)

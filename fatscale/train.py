@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 import fatscale.models  # noqa: F401  (registers the models; before timm)
 import deepspeed
@@ -33,10 +34,14 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from fatscale import checkpoint as ckpt
-from fatscale.config import Recipe, add_recipe_arguments, dump, flatten, load_recipe_or_exit, to_dict
+from fatscale import resume
+from fatscale.config import (Recipe, RecipeError, add_recipe_arguments, check_world, dump, flatten, load_recipe_or_exit,
+                             to_dict)
 from fatscale.data.loader import LoaderState, TrainLoader, ValLoader
 from fatscale.data.manifest import load_manifest
 from fatscale.export import export
+from fatscale.lifetime import end_with_parent
+from fatscale.run_lock import RunDirBusy, RunLock
 from fatscale.tracking import NullTracker, Tracker, tracking_uri
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -44,6 +49,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 log = logging.getLogger("fatscale")
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
 class TrainingDiverged(RuntimeError):
@@ -185,9 +191,10 @@ def build_loss(recipe: Recipe) -> torch.nn.Module:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: ValLoader, device: torch.device, precision: str) -> dict[str, float]:
-    """top-1/top-5 (percent) and loss over every val sample once, summed over ranks."""
+    """top-1/top-5 (percent) and loss over every val sample once, summed over ranks, with the
+    number of images evaluated and of those left out as undecodable (quarantined)."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, top1, top5, count, quarantined
     autocast = precision != "fp32"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     for images, labels in loader:
@@ -199,9 +206,37 @@ def evaluate(model: torch.nn.Module, loader: ValLoader, device: torch.device, pr
         totals[1] += (top5[:, 0] == labels).sum()
         totals[2] += (top5 == labels[:, None]).any(1).sum()
         totals[3] += labels.numel()
+    totals[4] = len(loader.quarantine)
     dist.all_reduce(totals)
-    loss_sum, top1, top5, count = totals.tolist()
-    return dict(loss=loss_sum / count, top1=100 * top1 / count, top5=100 * top5 / count, count=count)
+    loss_sum, top1, top5, count, quarantined = totals.tolist()
+    return dict(loss=loss_sum / count, top1=100 * top1 / count, top5=100 * top5 / count, count=count,
+                quarantined=quarantined)
+
+
+def hold_output_dir(output_dir: Path, rank: int) -> RunLock | None:
+    """Rank 0 locks ``output_dir`` for this run (fatscale.run_lock) and logs into it from then on;
+    every rank raises :class:`RunDirBusy` when another live run holds it."""
+    lock = RunLock(output_dir) if rank == 0 else None
+    refusal = [None]
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunDirBusy as e:
+            refusal[0] = str(e)
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise RunDirBusy(refusal[0])
+    if rank == 0:
+        handler = logging.FileHandler(output_dir / "train.log")
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger().addHandler(handler)
+    return lock
+
+
+def recipe_changes(old_text: str, new_text: str) -> list[str]:
+    """The recipe keys whose values differ between two resolved recipes."""
+    old, new = flatten(yaml.safe_load(old_text)), flatten(yaml.safe_load(new_text))
+    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
 
 
 # ---------------------------------------------------------------- the run
@@ -216,6 +251,7 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     output_dir = Path(recipe.output_dir)
+    run_lock = hold_output_dir(output_dir, rank)
     checkpoint_dir = output_dir / "checkpoints"
     if rank == 0:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -223,6 +259,11 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
 
     manifest = load_manifest(recipe.data.shards)
     num_classes = recipe.model.num_classes or manifest.num_classes
+    # Before any state is built: a checkpoint made by an incompatible recipe is refused.
+    run_identity = resume.identity(recipe, manifest, world)
+    resumed = resume.latest(output_dir)
+    if resumed is not None:
+        resume.check(resumed[1], run_identity, resumed[0])
     seed_everything(recipe.seed)  # identical initial weights on every rank
     model = build_model(recipe, num_classes, world, device).to(device)
     global_batch = t.batch_per_device * t.grad_accum * world
@@ -240,12 +281,14 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
     grad_scaler = fp16_grad_scaler(engine)
 
     # Resume: the latest complete checkpoint in output_dir, without being asked.
-    tag = ckpt.latest_tag(checkpoint_dir)
     progress = dict(epoch=0, global_step=0, best_top1=-1.0, mlflow_run_id=None)
     loader_state = None
-    if tag is not None:
+    changed: list[str] = []
+    if resumed is not None:
+        tag = resumed[0].name
         engine.load_checkpoint(str(checkpoint_dir), tag=tag)
-        progress = ckpt.read_json(checkpoint_dir / tag / "progress.json")
+        progress = resumed[1]
+        changed = recipe_changes(progress["recipe"], recipe_text)
         rank_state = ckpt.read_json(checkpoint_dir / tag / f"rank-{rank}.json")
         loader_state = LoaderState(**rank_state["loader"])
         set_rng_state(rank_state["rng"])
@@ -257,6 +300,7 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
             log.info("resuming from %s (epoch %d, step %d)", checkpoint_dir / tag, progress["epoch"], progress["global_step"])
     else:
         seed_everything(recipe.seed + 1 + rank)  # per-rank streams for drop path, erasing, Mixup
+    progress.update(resume_identity=run_identity, recipe=recipe_text)  # what the next checkpoint is made with
 
     train_loader = TrainLoader(manifest, recipe.data, recipe.aug, t.batch_per_device, rank, world, num_classes,
                                device, seed=recipe.seed, state=loader_state)
@@ -287,6 +331,13 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
             tracker.log_artifact(str(resolved))
         else:
             tracker.set_tags({"resumed_at_step": str(progress["global_step"])})
+        if changed:  # MLflow params cannot change: the new recipe is an artifact, the step a tag
+            step = progress["global_step"]
+            log.info("resumed at step %d with a changed recipe: %s", step, ", ".join(changed))
+            changed_recipe = output_dir / f"recipe-{ckpt.tag_for(step)}.yaml"
+            changed_recipe.write_text(recipe_text)
+            tracker.log_artifact(str(changed_recipe))
+            tracker.set_tags({"recipe_changed_at_step": str(step), "recipe_changes": ", ".join(changed)})
 
     def save(is_best: bool = False) -> None:
         nonlocal last_save
@@ -311,7 +362,8 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
 
     def evaluate_and_log() -> dict[str, float]:
         raw = evaluate(engine.module, val_loader, device, t.precision)
-        metrics = {"val/top1": raw["top1"], "val/top5": raw["top5"], "val/loss": raw["loss"]}
+        metrics = {"val/top1": raw["top1"], "val/top5": raw["top5"], "val/loss": raw["loss"],
+                   "val/num_images": raw["count"], "val/quarantined": raw["quarantined"]}
         if ema is not None:
             averaged = evaluate(ema.module, val_loader, device, t.precision)
             metrics.update({"val/top1_ema": averaged["top1"], "val/top5_ema": averaged["top5"], "val/loss_ema": averaged["loss"]})
@@ -358,6 +410,8 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
                     # DeepSpeed records the norm only in its ZeRO optimizers; before step() clips
                     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
                     grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+                    if grad_scaler is not None:  # fp16: the gradients are still multiplied by the loss scale
+                        grad_norm /= grad_scaler.get_scale()
                 engine.step()
                 window["images"] += images.shape[0] * world
                 fetch_start = time.monotonic()
@@ -428,34 +482,41 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
         tracker.finish("FAILED")  # a no-op after interrupt(): the run stays KILLED
         raise
     dist.barrier()
+    if run_lock is not None:
+        run_lock.release()
     return summary
 
 
-def setup_logging(output_dir: Path, rank: int) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(output_dir / "train.log"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+def setup_logging(rank: int) -> None:
+    """Console logging; rank 0 also logs to OUTPUT_DIR/train.log once it holds the directory."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=[logging.StreamHandler(sys.stdout)],
+                        format=LOG_FORMAT, force=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train a recipe (one process per rank).")
     add_recipe_arguments(parser)
     args = parser.parse_args(argv)
-    recipe = load_recipe_or_exit(args.recipe, args.overrides)
-    setup_logging(Path(recipe.output_dir), int(os.environ.get("RANK", "0")))
-    # torchrun passes SIGTERM on to the ranks (and kills them 30 s later): save and stop.
+    # torchrun passes SIGTERM on to the ranks (and kills them 30 s later): save and stop. The
+    # same when torchrun itself dies, even by SIGKILL (the kernel sends the signal).
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    end_with_parent(signal.SIGTERM)
+    recipe = load_recipe_or_exit(args.recipe, args.overrides)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
     try:
+        check_world(recipe, load_manifest(recipe.data.shards), int(os.environ.get("WORLD_SIZE", "1")), args.recipe)
         train(recipe, dump(recipe), stop)
     except Interrupted as e:
         log.info("%s; run the same command again to resume", e)
         sys.exit(128 + signal.SIGTERM)
     except TrainingDiverged as e:
         log.error("%s", e)
+        sys.exit(1)
+    except (RecipeError, RunDirBusy, resume.ResumeMismatch) as e:  # the same on every rank: said once
+        if rank == 0:
+            log.error("%s", e)
         sys.exit(1)
 
 

@@ -3,8 +3,9 @@
     python launch/local.py RECIPE [--nproc N] [--set key=value ...]
     python launch/local.py --demo          # the built-in end-to-end CPU run (README)
 
-The recipe and overrides are validated before any process starts; the ranks run
-``fatscale.train`` under torchrun. ``--demo`` first generates the shapes data set
+Before any process starts: the recipe and overrides validate, every rank has a batch to train, no
+live run holds the output directory and a checkpoint there was made by a compatible recipe. The
+ranks run ``fatscale.train`` under torchrun, which ends with this launcher, however it dies. ``--demo`` first generates the shapes data set
 (fatscale/demo.py) and its shards under outputs/demo_data, then trains recipes/demo_cpu.yaml
 on 2 ranks and prints the MLflow run's top-1.
 """
@@ -19,7 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing, too
 
 import fatscale  # noqa: E402,F401
-from fatscale.config import add_recipe_arguments, load_recipe_or_exit  # noqa: E402
+from fatscale import resume  # noqa: E402
+from fatscale.config import RecipeError, add_recipe_arguments, check_world, load_recipe_or_exit  # noqa: E402
+from fatscale.data.manifest import load_manifest  # noqa: E402
+from fatscale.lifetime import end_with_parent  # noqa: E402
+from fatscale.run_lock import RunDirBusy, check_free  # noqa: E402
 
 DEMO_RECIPE = REPO / "recipes" / "demo_cpu.yaml"
 
@@ -49,6 +54,7 @@ def main() -> None:
     if args.demo:
         prepare_demo_data(Path(load_recipe_or_exit(recipe_path, args.overrides, check_shards=False).data.shards))
     recipe = load_recipe_or_exit(recipe_path, args.overrides)
+    preflight(recipe, str(recipe_path), nproc)
 
     env = dict(os.environ)
     if not torch.cuda.is_available():
@@ -58,10 +64,24 @@ def main() -> None:
                "-m", "fatscale.train", str(recipe_path)]
     for override in args.overrides:
         command += ["--set", override]
-    code = subprocess.call(command, env=env, cwd=Path.cwd())
+    # torchrun gets SIGTERM when this process dies (even by SIGKILL): it stops the ranks, which save.
+    code = subprocess.call(command, env=env, cwd=Path.cwd(), preexec_fn=end_with_parent)
     if code == 0:
         print_result(recipe)
     sys.exit(code)
+
+
+def preflight(recipe, source: str, nproc: int) -> None:
+    """What would make the ranks fail at once, said in one line before they start."""
+    try:
+        manifest = load_manifest(recipe.data.shards)
+        check_world(recipe, manifest, nproc, source)
+        check_free(recipe.output_dir)
+        progress = resume.check_output_dir(recipe, manifest, nproc)
+    except (RecipeError, RunDirBusy, resume.ResumeMismatch) as e:
+        sys.exit(f"error: {e}")
+    if progress is not None:
+        print(f"resuming {recipe.output_dir} at step {progress['global_step']} (epoch {progress['epoch']})")
 
 
 def print_result(recipe) -> None:

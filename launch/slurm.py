@@ -7,8 +7,10 @@
 
 Cluster settings come from the recipe's ``slurm`` section; flags override it and are validated
 with the recipe. Before anything is queued: the recipe and overrides validate, the manifest and
-every shard are readable from here, the output directory is writable and not in use by a queued
-or running job, and the MLflow tracking server answers (a warning if not). Any failure is one
+every shard are readable from here, every rank of the requested nodes x tasks has a batch to
+train, the output directory is writable and not in use by a queued or running job or a live run,
+a checkpoint there was made by a compatible recipe, and the MLflow tracking server answers (a
+warning if not). Any failure is one
 line on stderr and nothing is submitted. The job itself is ``fatscale.job.TrainJob``.
 """
 
@@ -24,9 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing, too
 
 import fatscale  # noqa: E402,F401
-from fatscale import checkpoint as ckpt  # noqa: E402
-from fatscale.config import Recipe, RecipeError, add_recipe_arguments, dump, load_recipe, slurm_minutes  # noqa: E402
-from fatscale.data.manifest import load_manifest  # noqa: E402
+from fatscale import resume  # noqa: E402
+from fatscale.config import (Recipe, RecipeError, add_recipe_arguments, check_world, dump, load_recipe,  # noqa: E402
+                             slurm_minutes)
+from fatscale.data.manifest import Manifest, load_manifest  # noqa: E402
+from fatscale.run_lock import RunDirBusy, check_free  # noqa: E402
 from fatscale.tracking import browse_command, tracking_uri  # noqa: E402
 
 # flag -> recipe key (slurm section); strings are passed as JSON so YAML keeps them strings
@@ -66,7 +70,7 @@ def resolve_recipe(args: argparse.Namespace) -> Recipe:
         tracking=dataclasses.replace(recipe.tracking, uri=tracking_uri(recipe.tracking.uri, output_dir)))
 
 
-def check_shards(recipe: Recipe) -> None:
+def check_shards(recipe: Recipe) -> Manifest:
     manifest = load_manifest(recipe.data.shards)
     for split in ("train", "val"):
         for shard in manifest.splits[split].shards:
@@ -77,11 +81,12 @@ def check_shards(recipe: Recipe) -> None:
             size = Path(recipe.data.shards, shard.path).stat().st_size
             if size != shard.bytes:
                 raise PreflightError(f"data.shards: {shard.path} has {size} bytes, the manifest says {shard.bytes}")
+    return manifest
 
 
-def check_output_dir(recipe: Recipe, folder: Path) -> str | None:
-    """Writable, and no queued or running job of ours uses it. Returns a note when it holds a run
-    that the job will resume."""
+def check_output_dir(recipe: Recipe, folder: Path, manifest: Manifest, world_size: int) -> str | None:
+    """Writable, no queued or running job of ours and no live run uses it, and a checkpoint in it
+    may be resumed by this recipe. Returns a note when it holds a run that the job will resume."""
     output_dir = Path(recipe.output_dir)
     existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
     if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
@@ -93,10 +98,10 @@ def check_output_dir(recipe: Recipe, folder: Path) -> str | None:
         if state:
             raise PreflightError(f"output_dir: job {job_id} ({state}) already trains into {output_dir}; "
                                  f"wait for it, cancel it (scancel {job_id}) or choose another output_dir")
-    tag = ckpt.latest_tag(output_dir / "checkpoints")
-    if tag is None:
+    check_free(output_dir)
+    progress = resume.check_output_dir(recipe, manifest, world_size)
+    if progress is None:
         return None
-    progress = ckpt.read_json(output_dir / "checkpoints" / tag / "progress.json")
     return (f"{output_dir} holds a run at step {progress['global_step']} (epoch {progress['epoch']}): the job "
             f"resumes it and continues MLflow run {progress['mlflow_run_id']}; for a fresh run, choose another "
             f"output_dir (--set output_dir=...)")
@@ -137,12 +142,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         recipe = resolve_recipe(args)
-        check_shards(recipe)
+        manifest = check_shards(recipe)
+        parameters = sbatch_parameters(recipe)
+        world_size = recipe.slurm.nodes * parameters["ntasks_per_node"]
+        check_world(recipe, manifest, world_size, args.recipe)
         folder = Path(recipe.output_dir) / "slurm"
-        resume_note = check_output_dir(recipe, folder)
-    except (RecipeError, PreflightError) as e:
+        resume_note = check_output_dir(recipe, folder, manifest, world_size)
+    except (RecipeError, PreflightError, RunDirBusy, resume.ResumeMismatch) as e:
         sys.exit(f"error: {e}")
-    parameters = sbatch_parameters(recipe)
     tracking_warning = check_tracking(recipe.tracking.uri)
     if tracking_warning:
         print(f"warning: {tracking_warning}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Shared fixtures: real servers the tests start and stop by PID."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -107,3 +108,31 @@ def demo_recipe(tmp_path: Path, shards: Path, **sections) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(base))
     return path
+
+
+def corrupt_copy(shards: Path, dest: Path, split: str, label: int) -> str:
+    """Copy ``shards`` to ``dest`` and truncate, inside its tar, the JPEG of the ``split`` sample
+    of class ``label`` (the tail becomes zeros: DALI's decoder fails on it). Returns its key."""
+    shutil.copytree(shards, dest)
+    for index in sorted(dest.glob(f"{split}-*.idx")):
+        tar = index.with_suffix(".tar")
+        with open(tar, "r+b") as f:
+            for line in index.read_text().splitlines()[1:]:
+                fields = line.split()
+                parts = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)}
+                offset, size, _ = parts["cls"]
+                f.seek(offset)
+                if int(f.read(size)) == label:
+                    offset, size, name = parts["jpg"]
+                    f.seek(offset + size // 3)
+                    f.write(b"\0" * (size - size // 3))
+                    return name.split(".", 1)[0]
+    raise AssertionError(f"no {split} sample of class {label}")
+
+
+def hold_run_lock(output_dir: Path) -> subprocess.Popen:
+    """Another live process holding ``output_dir``'s run lock, until the caller kills it."""
+    code = "import sys, time; from fatscale.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(output_dir)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder

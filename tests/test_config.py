@@ -131,3 +131,28 @@ def test_print_resolved_recipe_command(tmp_path, demo_shards):
     assert resolve(printed, "printed") == load_recipe(path, ["train.epochs=5"])  # complete and faithful
     flat = flatten(to_dict(load_recipe(path)))
     assert flat["train.epochs"] == 3 and flat["optim.lr"] == 5e-4 and flat["model.name"] == "fat_b0"
+
+
+def test_recipes_that_cannot_train_on_these_shards_fail_at_load(tmp_path, demo_shards):
+    from fatscale.config import check_world
+    from fatscale.data.manifest import load_manifest
+
+    recipe = minimal(tmp_path)
+    recipe["data"]["shards"] = str(demo_shards)  # 8 classes, 480 train samples
+    recipe["model"]["num_classes"] = 5
+    path = write(tmp_path, recipe)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value) == (f"{path}: model.num_classes: 5 is fewer than the 8 classes of data.shards "
+                                f"{demo_shards} (labels up to 7)")
+    recipe["model"]["num_classes"] = 1000  # more outputs than classes is allowed (a 1000-class head)
+    loaded = load_recipe(write(tmp_path, recipe), ["train.batch_per_device=64"])
+    manifest = load_manifest(demo_shards)
+    check_world(loaded, manifest, 7, str(path))  # 480 // 7 = 68 per rank: one batch of 64
+    with pytest.raises(RecipeError) as error:
+        check_world(loaded, manifest, 8, str(path))  # 60 per rank
+    assert str(error.value) == (f"{path}: train.batch_per_device: 64 x train.grad_accum 1 on each of 8 ranks needs at "
+                                "least 512 train samples per epoch, data.shards has 480 (60 per rank): zero steps per epoch")
+    with pytest.raises(RecipeError, match="train.grad_accum 2 on each of 7 ranks"):
+        check_world(load_recipe(path, ["train.batch_per_device=64", "train.grad_accum=2"]), manifest, 7, str(path))
+

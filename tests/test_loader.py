@@ -1,5 +1,6 @@
 """DALI loaders (CPU operators) over real shards of real JPEGs made by make_shards."""
 
+import gc
 import random
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from fatscale.data.loader import AugConfig, DataConfig, LoaderState, TrainLoader
 from fatscale.data.manifest import load_manifest
 from fatscale.data.rand_augment import RandAugmentSpec, rand_augment, warp_interp
 from fatscale.data.shards import make_shards
+from conftest import corrupt_copy
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 NUM_TRAIN = 37  # one image per class, so a label names its sample; uneven over 2 ranks
@@ -248,28 +250,6 @@ def test_batch_too_large_for_the_split_fails_clearly(shards):
         train_loader(shards, batch=32, world_size=2)
 
 
-def corrupt_copy(shards: Path, dest: Path, split: str, label: int) -> str:
-    """Copy ``shards`` to ``dest`` and truncate, inside its tar, the JPEG of the ``split`` sample
-    of class ``label`` (the tail becomes zeros: DALI's decoder fails on it). Returns its key."""
-    import shutil
-
-    shutil.copytree(shards, dest)
-    for index in sorted(dest.glob(f"{split}-*.idx")):
-        tar = index.with_suffix(".tar")
-        with open(tar, "r+b") as f:
-            for line in index.read_text().splitlines()[1:]:
-                fields = line.split()
-                parts = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)}
-                offset, size, _ = parts["cls"]
-                f.seek(offset)
-                if int(f.read(size)) == label:
-                    offset, size, name = parts["jpg"]
-                    f.seek(offset + size // 3)
-                    f.write(b"\0" * (size - size // 3))
-                    return name.split(".", 1)[0]
-    raise AssertionError(f"no {split} sample of class {label}")
-
-
 def test_corrupt_train_image_is_quarantined_and_training_goes_on(shards, tmp_path):
     bad_label = 5
     key = corrupt_copy(shards, tmp_path / "corrupt", "train", bad_label)
@@ -305,3 +285,14 @@ def test_corrupt_val_image_is_left_out_and_reported(shards, tmp_path):
         quarantined += [q.key for q in loader.quarantine]
     assert quarantined == [key]
     assert sorted(labels) == [label for label in range(NUM_VAL) if label != 42]
+
+
+def test_patched_index_directory_goes_with_the_loader(shards, tmp_path):
+    corrupt_copy(shards, tmp_path / "corrupt", "val", 7)
+    loader = ValLoader(load_manifest(tmp_path / "corrupt"), data_cfg(tmp_path / "corrupt"), batch_size=8)
+    assert len([label for _, y in loader for label in y.tolist()]) == NUM_VAL - 1
+    (patched,) = {Path(p).parent for p in loader._current_index_paths()} - {Path(p).parent for p in loader.index_paths}
+    assert patched.is_dir() and patched.name.startswith("fatscale-index-")
+    del loader
+    gc.collect()
+    assert not patched.exists()

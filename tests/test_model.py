@@ -258,3 +258,12 @@ def test_torchvision_repair_only_when_needed():
     if repaired:  # without fatscale first, torchvision fails as described
         failed = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
         assert failed.returncode != 0 and "torchvision::nms" in failed.stderr
+
+
+@pytest.mark.parametrize("size", [32, 33, 57, 100, 161, 224, 225, 257])
+def test_fat_takes_any_input_size(size):
+    # Every convolution pads k // 2 (stride-2 ones round up) and attention is global over the
+    # downsampled context, so no size is excluded: the recipe's lower bound (32) is its own.
+    model = timm.create_model("fat_b0", num_classes=3)
+    model(torch.randn(2, 3, size, size + 3)).sum().backward()
+    assert model.eval()(torch.randn(1, 3, size, size)).shape == (1, 3)

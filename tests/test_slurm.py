@@ -10,7 +10,7 @@ import pytest
 import submitit
 from mlflow import MlflowClient
 
-from conftest import REPO, demo_recipe
+from conftest import REPO, demo_recipe, hold_run_lock
 from fatscale import checkpoint as ckpt
 from fatscale.config import load_recipe, slurm_minutes
 from fatscale.devcluster import DevCluster, DevClusterError
@@ -133,6 +133,24 @@ def test_preempted_job_requeues_and_resumes_the_same_run(cluster, tmp_path, demo
     assert final_state(job) == "COMPLETED"
     resubmit = submit(cluster, recipe, "--nodes", "2", "--dry-run")
     assert resubmit.returncode == 0 and "resuming: " in resubmit.stdout and run.info.run_id in resubmit.stdout
+    # The checkpoint belongs to 2 ranks: resuming it on 1 node is refused at submit, in one line.
+    smaller = submit(cluster, recipe, "--nodes", "1")
+    assert smaller.returncode != 0 and smaller.stderr.count("\n") == 1
+    assert "was made with world_size=2; this run has world_size=1" in smaller.stderr
+
+
+def test_a_live_run_in_the_output_dir_fails_before_submission(cluster, tmp_path, demo_shards):
+    recipe = demo_recipe(tmp_path, demo_shards, slurm=CPU_NODES)
+    holder = hold_run_lock(tmp_path / "out")
+    try:
+        before = jobs(cluster)
+        out = submit(cluster, recipe, "--nodes", "2")
+        assert out.returncode != 0 and out.stderr.count("\n") == 1
+        assert out.stderr.startswith(f"error: output_dir {tmp_path / 'out'} is in use by a live run (pid {holder.pid} on ")
+        assert jobs(cluster) == before
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_dry_run_prints_and_submits_nothing(cluster, tmp_path, demo_shards):
@@ -146,7 +164,8 @@ def test_dry_run_prints_and_submits_nothing(cluster, tmp_path, demo_shards):
     assert jobs(cluster) == before and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case", ["bad recipe", "missing shards", "unknown override", "bad flag value", "no tasks"])
+@pytest.mark.parametrize("case", ["bad recipe", "missing shards", "unknown override", "bad flag value", "no tasks",
+                                  "too few classes", "batch too large"])
 def test_bad_input_fails_before_submission(cluster, tmp_path, demo_shards, case):
     recipe = demo_recipe(tmp_path, demo_shards, slurm=CPU_NODES)
     args, expected = {
@@ -155,6 +174,11 @@ def test_bad_input_fails_before_submission(cluster, tmp_path, demo_shards, case)
         "unknown override": (["--set", "train.epochz=3"], "train.epochz: unknown key"),
         "bad flag value": (["--time", "forever"], "slurm.time: must be a Slurm time limit"),
         "no tasks": (["--set", "slurm.tasks_per_node=null"], "slurm.tasks_per_node: required when slurm.gpus_per_node is 0"),
+        "too few classes": (["--set", "model.num_classes=4"], "model.num_classes: 4 is fewer than the 8 classes"),
+        # 480 train samples over 2 nodes x 2 tasks: 120 per rank
+        "batch too large": (["--tasks-per-node", "2", "--set", "train.batch_per_device=128"],
+                            "train.batch_per_device: 128 x train.grad_accum 1 on each of 4 ranks needs at least 512 "
+                            "train samples per epoch, data.shards has 480 (120 per rank)"),
     }[case]
     if case == "bad recipe":
         recipe.write_text(recipe.read_text().replace("epochs: 12", "epochs: many"))

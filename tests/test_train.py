@@ -14,18 +14,20 @@ from safetensors.torch import load_file
 
 import fatscale.models  # noqa: F401
 import timm
+from conftest import corrupt_copy
 from conftest import demo_recipe as recipe
 from fatscale import checkpoint as ckpt
 from fatscale.demo import CLASSES
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
+LOCAL = str(REPO / "launch" / "local.py")
 pytestmark = pytest.mark.slow
 
 
-def launch(recipe_path: Path, *overrides: str) -> subprocess.Popen:
+def launch(recipe_path: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "fatscale.train", str(recipe_path)]
     for o in overrides:
         command += ["--set", o]
@@ -219,3 +221,118 @@ def test_tracks_over_http_through_a_server_outage(tmp_path, demo_shards, mlflow_
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [5, 10, 15, 20, 25, 30]
     assert [m.step for m in client.get_metric_history(run_id, "val/top1_ema")] == [15, 30]
     assert {a.path for a in client.list_artifacts(run_id)} >= {"recipe.yaml", "train.log", "export"}
+
+
+def wait_for_log(log_file: Path, text: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (log_file.exists() and text in log_file.read_text()):
+        assert time.monotonic() < deadline and process.poll() is None, f"{text!r} never appeared in {log_file}"
+        time.sleep(0.05)
+
+
+def training_ranks(launcher: subprocess.Popen) -> list[psutil.Process]:
+    """The rank processes under a launcher (torchrun's workers, not torchrun itself)."""
+    return [p for p in psutil.Process(launcher.pid).children(recursive=True)
+            if "fatscale.train" in p.cmdline() and "torch.distributed.run" not in p.cmdline()]
+
+
+def test_a_killed_launcher_ends_its_ranks_and_one_live_run_holds_the_output_dir(tmp_path, demo_shards):
+    path = recipe(tmp_path, demo_shards, train={"epochs": 40}, checkpoint={"every_steps": 5, "every_minutes": None})
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, LOCAL, str(path), "--nproc", "2"], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_log(out / "train.log", " step 5/600 ", first)
+    ranks = training_ranks(first)
+    (rank0,) = [p for p in ranks if p.environ().get("RANK") == "0"]
+    assert len(ranks) == 2
+    busy = f"output_dir {out} is in use by a live run (pid {rank0.pid} on "
+    # A second run is refused: by the launcher before it starts anything, and by the trainer
+    # itself when started under torchrun directly.
+    second = subprocess.run([sys.executable, LOCAL, str(path), "--nproc", "2"], capture_output=True, text=True, timeout=300)
+    assert second.returncode != 0 and second.stderr.startswith(f"error: {busy}") and second.stderr.count("\n") == 1
+    direct = launch(path)
+    text, _ = direct.communicate(timeout=300)
+    assert direct.returncode != 0 and busy in text
+    log_text = (out / "train.log").read_text()
+    assert "is in use by" not in log_text  # the refused run never wrote into the live run's directory
+
+    first.kill()  # SIGKILL: no handler of the launcher runs
+    killed = time.monotonic()
+    gone, alive = psutil.wait_procs(ranks, timeout=60)
+    assert not alive, f"ranks still running after the launcher died: {alive}"
+    print(f"ranks gone {time.monotonic() - killed:.1f} s after the launcher's SIGKILL")
+    stopped_at = int(ckpt.latest_tag(out / "checkpoints").split("-")[1])
+    assert stopped_at >= 5 and "stop requested: saved" in (out / "train.log").read_text()  # they saved on the way out
+
+    # The same for torchrun killed by SIGKILL: its ranks get SIGTERM from the kernel.
+    resumed = launch(path)
+    wait_for_log(out / "train.log", f"resuming from {out / 'checkpoints' / ckpt.tag_for(stopped_at)}", resumed)
+    deadline = time.monotonic() + 300
+    while ckpt.latest_tag(out / "checkpoints") == ckpt.tag_for(stopped_at):  # until the next periodic save
+        assert time.monotonic() < deadline and resumed.poll() is None, "the resumed run saved nothing"
+        time.sleep(0.05)
+    ranks = training_ranks(resumed)
+    os.kill(resumed.pid, signal.SIGKILL)
+    resumed.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=60)
+    assert not alive, f"ranks still running after torchrun died: {alive}"
+    stopped_at = int(ckpt.latest_tag(out / "checkpoints").split("-")[1])
+
+    # The directory is free again, and the run goes on from its last checkpoint.
+    final = run(path, f"train.max_steps={stopped_at + 2}")
+    assert f"resuming from {out / 'checkpoints' / ckpt.tag_for(stopped_at)}" in final
+    assert ckpt.latest_tag(out / "checkpoints") == ckpt.tag_for(stopped_at + 2)
+
+
+def test_resume_refuses_an_incompatible_recipe_and_records_a_compatible_change(tmp_path, demo_shards):
+    path = recipe(tmp_path, demo_shards, train={"epochs": 1, "max_steps": 4}, checkpoint={"every_steps": 2})
+    run(path)
+    checkpoints = tmp_path / "out" / "checkpoints"
+    before = sorted(p.name for p in (checkpoints / ckpt.tag_for(4)).iterdir())
+    refusal = (f"{checkpoints / ckpt.tag_for(4)} was made with world_size=2; this run has world_size=1: resume with the "
+               "same values, or start fresh")
+    launcher = subprocess.run([sys.executable, LOCAL, str(path), "--nproc", "1"], capture_output=True, text=True, timeout=300)
+    assert launcher.returncode != 0 and launcher.stderr.startswith(f"error: {refusal}") and launcher.stderr.count("\n") == 1
+    direct = launch(path, nproc=1)  # torchrun without the launcher: the trainer refuses too
+    text, _ = direct.communicate(timeout=300)
+    assert direct.returncode != 0 and refusal in text
+    other = subprocess.run([sys.executable, LOCAL, str(path), "--nproc", "2", "--set", "model.name=fat_b1",
+                            "--set", "train.batch_per_device=8"], capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0
+    assert "made with model.name='fat_b0', train.batch_per_device=16; this run has model.name='fat_b1', " \
+           "train.batch_per_device=8" in other.stderr
+    assert ckpt.latest_tag(checkpoints) == ckpt.tag_for(4)
+    assert sorted(p.name for p in (checkpoints / ckpt.tag_for(4)).iterdir()) == before  # nothing was written
+
+    out = run(path, "train.max_steps=6", "optim.lr=1.0e-3")  # compatible: resumes, and says what changed
+    assert "resumed at step 4 with a changed recipe: optim.lr, train.max_steps" in out
+    assert ckpt.latest_tag(checkpoints) == ckpt.tag_for(6)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out'}/mlflow.db")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("fatscale-demo").experiment_id])
+    assert mlflow_run.data.tags["recipe_changed_at_step"] == "4"
+    assert mlflow_run.data.tags["recipe_changes"] == "optim.lr, train.max_steps"
+    assert mlflow_run.data.params["optim.lr"] != "0.001"  # params keep the first value; the artifact has the new
+    assert {a.path for a in client.list_artifacts(mlflow_run.info.run_id)} >= {"recipe.yaml", "recipe-step-000000004.yaml"}
+    changed = (tmp_path / "out" / "recipe-step-000000004.yaml").read_text()
+    assert "max_steps: 6" in changed and "lr: 0.001" in changed
+    run(path, "train.max_steps=6", "optim.lr=1.0e-3", "train.epochs=2")  # and 2 ranks still resume it
+
+
+def test_logged_grad_norm_and_val_counts_are_true(tmp_path, demo_shards):
+    # fp16 scales the loss by 65536 before backward; the logged norm must be the unscaled one.
+    shards = tmp_path / "shards"
+    corrupt_copy(demo_shards, shards, "val", 3)
+    history = {}
+    for precision in ("fp32", "fp16"):
+        (tmp_path / precision).mkdir()
+        path = recipe(tmp_path / precision, shards, train={"epochs": 1, "max_steps": 2, "log_every": 1,
+                                                          "precision": precision})
+        run(path)
+        client = MlflowClient(f"sqlite:///{tmp_path / precision / 'out'}/mlflow.db")
+        (mlflow_run,) = client.search_runs([client.get_experiment_by_name("fatscale-demo").experiment_id])
+        history[precision] = [m.value for m in client.get_metric_history(mlflow_run.info.run_id, "train/grad_norm")]
+        metrics = mlflow_run.data.metrics
+        assert (metrics["val/num_images"], metrics["val/quarantined"]) == (160 - 1, 1)
+    # (fp16's first step may overflow at the initial scale and be skipped, its norm inf or NaN)
+    assert len(history["fp16"]) == 2 and 0.5 < history["fp16"][1] / history["fp32"][1] < 2, history
+

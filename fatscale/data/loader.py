@@ -59,6 +59,11 @@ READER = "reader"
 MAX_LABEL_DIGITS = 8
 
 
+def train_steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Batches per rank and epoch (module docstring, "Epochs"): the same on every rank."""
+    return (num_samples // world_size) // batch_size
+
+
 def _placeholder_jpeg() -> np.ndarray:
     encoded = io.BytesIO()
     Image.new("RGB", (8, 8), (128, 128, 128)).save(encoded, "JPEG")
@@ -251,7 +256,7 @@ class _DaliSplit:
         self.index_paths = manifest.index_paths(split, cfg.shards)
         self.info_len = max(len(p) for p in self.paths) + 64  # "<tar>:<offset>:<member name>"
         self.quarantine = [QuarantinedSample(**q) for q in quarantine]
-        self._patched_dir: Path | None = None
+        self._patched_dir: tempfile.TemporaryDirectory | None = None  # removed with the loader, or at exit
         self._last_good: bytes | None = None
         log.info("%s loader: rank %d/%d, decode on %s", split, rank, world_size, self.decode)
 
@@ -279,12 +284,12 @@ class _DaliSplit:
         if not self.quarantine:
             return self.index_paths
         if self._patched_dir is None:
-            self._patched_dir = Path(tempfile.mkdtemp(prefix="fatscale-index-"))
+            self._patched_dir = tempfile.TemporaryDirectory(prefix="fatscale-index-")
         paths = list(self.index_paths)
         for i, tar in enumerate(self.paths):
             keys = {q.key: q.reason for q in self.quarantine if q.shard == Path(tar).name}
             if keys:
-                paths[i] = write_patched_index(self.index_paths[i], keys, self._patched_dir)
+                paths[i] = write_patched_index(self.index_paths[i], keys, Path(self._patched_dir.name))
         return paths
 
     def _next(self) -> dict:
@@ -352,7 +357,7 @@ class TrainLoader(_DaliSplit):
         if aug.rand_augment:
             RandAugmentSpec(aug.rand_augment)  # fail on a bad string now, not inside DALI
         self.aug = aug
-        self.steps_per_epoch = (self.num_samples // world_size) // batch_size
+        self.steps_per_epoch = train_steps_per_epoch(self.num_samples, world_size, batch_size)
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{cfg.shards}: {self.num_samples} train samples cannot fill one batch of {batch_size} "

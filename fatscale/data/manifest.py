@@ -31,6 +31,7 @@ to the source root.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -114,6 +115,12 @@ class Manifest:
     def index_paths(self, split: str, root: str | os.PathLike) -> list[str]:
         """Absolute DALI index paths of ``split``, aligned with :meth:`shard_paths`."""
         return [str(Path(root, s.index)) for s in self._split(split).shards]
+
+    def split_digest(self, split: str) -> str:
+        """A digest of ``split``'s samples as stored (its shards' checksums, in order): equal for the
+        same shards wherever they are copied to."""
+        sums = "".join(s.sha256 for s in self._split(split).shards)
+        return hashlib.sha256(sums.encode()).hexdigest()
 
     def _split(self, split: str) -> SplitInfo:
         if split not in self.splits:

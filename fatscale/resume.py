@@ -1,0 +1,82 @@
+"""May the checkpoint in an output directory be resumed by this recipe, at this world size?
+
+A checkpoint's state is only meaningful for the run that made it: each rank's loader position
+belongs to one split of the samples into per-rank batches, DeepSpeed's files to one partitioning,
+the learning-rate schedule to one number of steps per epoch. Resumed under another world size it
+would train silently on a different run, and its next save would poison the directory (a 2-rank
+checkpoint re-saved by 1 rank lacks rank 1's state). So every checkpoint records the values of
+``RESUME_KEYS`` it was made with, and a run that differs in any of them is refused before it
+starts, by the launchers and by the trainer itself. Any other change (more epochs, another
+learning rate) resumes; the trainer records it (new recipe artifact, MLflow tag).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fatscale import checkpoint as ckpt
+from fatscale.config import Recipe, flatten, to_dict
+from fatscale.data.manifest import Manifest
+
+# The model's shape and function; the train split and how it is dealt into per-rank batches;
+# every random operator of the DALI graph (their states are in the loader's checkpoint); the
+# optimizer's partitioning and loss scaling; the seed the loader shuffles with.
+RESUME_KEYS = (
+    "model.name", "model.num_classes", "model.bidirectional",
+    "data.train_digest", "data.shuffle_buffer",
+    "aug.scale", "aug.ratio", "aug.hflip", "aug.rand_augment", "aug.rand_augment_interp", "aug.color_jitter",
+    "train.batch_per_device", "train.grad_accum", "train.zero_stage", "train.precision",
+    "seed", "world_size",
+)
+
+
+class ResumeMismatch(ValueError):
+    """The output directory's checkpoint was made by an incompatible recipe (one-line message)."""
+
+
+def identity(recipe: Recipe, manifest: Manifest, world_size: int) -> dict:
+    """The values of ``RESUME_KEYS`` for a run of ``recipe`` on ``world_size`` ranks, as JSON has them."""
+    flat = flatten(to_dict(recipe))
+    flat.update({"model.num_classes": recipe.model.num_classes or manifest.num_classes,
+                 "data.train_digest": manifest.split_digest("train"), "world_size": world_size})
+    return json.loads(json.dumps({key: flat[key] for key in RESUME_KEYS}))  # tuples as lists
+
+
+def _show(key: str, value) -> str:
+    return f"{key}={value[:12] if key == 'data.train_digest' else value!r}"
+
+
+def check(progress: dict, current: dict, checkpoint: Path) -> None:
+    """Raise :class:`ResumeMismatch` when ``checkpoint`` (whose ``progress.json`` is ``progress``)
+    was made with other values of ``RESUME_KEYS`` than ``current``."""
+    saved = progress.get("resume_identity")
+    if saved is None:
+        raise ResumeMismatch(f"{checkpoint} records no resume identity (made by an older fatscale): start fresh in "
+                             f"another output_dir (--set output_dir=...) or after removing {checkpoint.parent}")
+    differ = [key for key in RESUME_KEYS if saved.get(key) != current[key]]
+    if differ:
+        raise ResumeMismatch(
+            f"{checkpoint} was made with {', '.join(_show(k, saved.get(k)) for k in differ)}; this run has "
+            f"{', '.join(_show(k, current[k]) for k in differ)}: resume with the same values, or start fresh "
+            f"in another output_dir (--set output_dir=...) or after removing {checkpoint.parent}")
+
+
+def latest(output_dir: str | Path) -> tuple[Path, dict] | None:
+    """The latest complete checkpoint in ``output_dir`` and its progress record, or None."""
+    checkpoint_dir = Path(output_dir) / "checkpoints"
+    tag = ckpt.latest_tag(checkpoint_dir)
+    if tag is None:
+        return None
+    return checkpoint_dir / tag, ckpt.read_json(checkpoint_dir / tag / "progress.json")
+
+
+def check_output_dir(recipe: Recipe, manifest: Manifest, world_size: int) -> dict | None:
+    """For launchers, before anything starts: the progress of the checkpoint the run will resume
+    (None for a fresh run), or :class:`ResumeMismatch`."""
+    found = latest(recipe.output_dir)
+    if found is None:
+        return None
+    checkpoint, progress = found
+    check(progress, identity(recipe, manifest, world_size), checkpoint)
+    return progress
