@@ -267,3 +267,41 @@ def test_fat_takes_any_input_size(size):
     model = timm.create_model("fat_b0", num_classes=3)
     model(torch.randn(2, 3, size, size + 3)).sum().backward()
     assert model.eval()(torch.randn(1, 3, size, size)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("variant", ["fat_b0", "fat_b1", "fat_b2", "fat_b3"])
+def test_fx_traced_forward_and_backward_match_eager(variant):
+    torch.manual_seed(0)
+    model = timm.create_model(variant, num_classes=7).eval()  # eval: no drop path, fixed BatchNorm
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 64, 64)
+    for memory_format in (torch.contiguous_format, torch.channels_last):  # both sides of the stride branch
+        inputs = x.to(memory_format=memory_format)
+        eager, fx = model(inputs), traced(inputs)
+        assert torch.allclose(eager, fx, atol=1e-6, rtol=0)
+    model.zero_grad()
+    model(x).square().sum().backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    traced(x).square().sum().backward()  # the traced module shares the model's parameters
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, eager_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_fx_feature_extraction_and_scripting():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = timm.create_model("fat_b0").eval()
+    x = torch.randn(1, 3, 96, 128)
+    taps = {info["module"]: f"s{i}" for i, info in enumerate(model.feature_info)}
+    extractor = create_feature_extractor(model, taps)  # torchvision's FX feature extraction
+    expected = model.forward_intermediates(x, intermediates_only=True)
+    maps = extractor(x)
+    assert list(maps) == ["s0", "s1", "s2", "s3"]
+    for got, want, info in zip(maps.values(), expected, model.feature_info):
+        assert got.shape == (1, info["num_chs"], 96 // info["reduction"], 128 // info["reduction"])
+        assert torch.allclose(got, want, atol=1e-6, rtol=0)
+    fx_features = timm.create_model("fat_b0", features_only=True, feature_cls="fx").eval()
+    assert [f.shape[1] for f in fx_features(x)] == [32, 80, 160, 256]
+    scripted = torch.jit.script(torch.fx.symbolic_trace(model))
+    assert torch.allclose(scripted(x), model(x), atol=1e-6, rtol=0)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, GroupNorm1
+from timm.layers import DropPath, GroupNorm1, register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
@@ -36,10 +36,16 @@ def _pwconv(in_dim: int, out_dim: int) -> nn.Conv2d:
     return nn.Conv2d(in_dim, out_dim, 1)
 
 
+# A leaf for FX, to timm's tracer (register_notrace_function) and any other (torch.fx.wrap): a
+# symbolic tensor has no strides to branch on. Traced graphs call it as it is, fast path included.
+@register_notrace_function
 def _unit_stride_last(x: torch.Tensor) -> torch.Tensor:
     # Attention kernels read head_dim vectors: from NCHW maps they are strided by H*W and SDPA
     # runs ~5x slower on CPU, so copy. From channels_last maps they are already dense: no copy.
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+torch.fx.wrap("_unit_stride_last")
 
 
 class ConvBnReLU(nn.Module):
