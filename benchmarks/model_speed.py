@@ -18,7 +18,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-import fatscale.models  # noqa: F401  (registers the models)
+import fatscale  # noqa: F401  (registers the FAT models with timm)
 from fatscale.models.fat import FASA
 import timm
 

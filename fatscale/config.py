@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-import fatscale.models  # noqa: F401  (registers the FAT models with timm)
+import fatscale  # noqa: F401  (registers the FAT models with timm)
 import timm
 
 from fatscale.data.loader import DECODE_DEVICES, AugConfig, DataConfig, train_steps_per_epoch

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-import fatscale.models  # noqa: F401  (registers the models; before timm)
+import fatscale  # noqa: F401  (registers the FAT models with timm)
 import deepspeed
 import timm
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine

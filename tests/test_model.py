@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import fatscale.models  # noqa: F401  (registers the models)
+import fatscale  # noqa: F401  (registers the FAT models with timm)
 from fatscale.models.complexity import count_macs
 from fatscale.models.fat import FAT, FASA
 import timm
@@ -305,3 +305,10 @@ def test_fx_feature_extraction_and_scripting():
     assert [f.shape[1] for f in fx_features(x)] == [32, 80, 160, 256]
     scripted = torch.jit.script(torch.fx.symbolic_trace(model))
     assert torch.allclose(scripted(x), model(x), atol=1e-6, rtol=0)
+
+
+def test_import_fatscale_registers_the_models():
+    code = "import fatscale, timm; print(timm.list_models('fat_*')); print(timm.create_model('fat_b1').num_classes)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["['fat_b0', 'fat_b1', 'fat_b2', 'fat_b3']", "1000"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import fatscale.models  # noqa: F401
+import fatscale  # noqa: F401  (registers the FAT models with timm)
 import timm
 from conftest import corrupt_copy
 from conftest import demo_recipe as recipe

@@ -13,7 +13,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import fatscale.models  # noqa: F401  (registers the models)
 import timm
 
 # NeurIPS 2023 paper, Table 1: (params in M, GFLOPs at 224x224).
