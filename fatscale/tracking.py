@@ -1,48 +1,81 @@
 """MLflow tracking for the trainer (rank 0 only) that never stalls or stops training.
 
-Every call validates its input and appends to an in-memory queue; one background daemon thread
-delivers the queue in order through an ``MlflowClient`` (explicit run ids, no fluent global
-state). While the tracking server is unreachable it logs one warning and retries with
-exponential backoff; nothing is dropped. ``finish()`` drains the queue (bounded by a timeout)
-and sets the run's terminal status. README section "Experiment tracking" has the details.
+Every call validates its input and appends data records to an in-memory queue; one background
+daemon thread delivers the queue in order through an ``MlflowClient`` (explicit run ids, no fluent
+global state). While the tracking server is unreachable it logs one warning and retries with
+exponential backoff. ``finish()`` waits at most its timeout for the queue to drain; the run's
+terminal status is the queue's last record, so it is set only once everything before it is in.
+README section "Experiment tracking" has the details.
+
+What ``finish()`` could not deliver in time goes, if the Tracker has a ``spill_path``, to that
+*spill file* (written atomically), with a warning naming it and the command that delivers it. The
+next Tracker given the same path (the resumed job's) delivers the file's records before its own and
+then removes the file; ``python -m fatscale.tracking sync OUTPUT_DIR`` does it by hand and then
+sets the terminal status recorded in the file. The file stays until all its records are in, so a
+replay cut short (a crash, the server gone again) is redone from the start. That shows nothing
+twice: MLflow's SQL store keeps one row for a re-sent identical metric point (key, value,
+timestamp, step; the point keeps the timestamp it was logged with), an identical param or tag
+changes nothing and an artifact is overwritten. (A file store, ``./mlruns``, would repeat the
+re-sent points.)
+
+Spill file format: JSON lines (as Python's ``json`` writes them: NaN and Infinity stay as such).
+The first line describes the run::
+
+    {"kind": "spill", "version": 1, "uri": "http://...", "experiment": "...", "run_name": "...",
+     "run_id": "..." or null (never created), "step": highest step logged or null,
+     "rejected": records MLflow has rejected so far}
+
+then one record a line, in the order they were logged::
+
+    {"kind": "metric", "key": "train/loss", "value": 0.5, "timestamp": 1700000000000, "step": 120}
+    {"kind": "param", "key": "optim.lr", "value": "0.001"}
+    {"kind": "tag", "key": "interrupted_at_step", "value": "120"}
+    {"kind": "artifact", "path": "/abs/output_dir/train.log", "artifact_path": null}
+    {"kind": "terminate", "status": "KILLED"}                                       (last)
+
+Marks on a run: ``fatscale.delivered_late`` (how many metric, param, tag and artifact records a spill
+file delivered) and
+``fatscale.spilled_at_step`` come with a spill's delivery; ``fatscale.rejected_records`` (records
+MLflow refused for good) is set just before the terminal status.
+
+mlflow is imported where first needed, so that ``python -m fatscale.tracking --help`` answers
+without it.
 """
 
 from __future__ import annotations
 
-import functools
+import argparse
 import itertools
+import json
 import logging
 import os
+import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
-import requests
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-from mlflow.utils.validation import (
-    MAX_ENTITY_KEY_LENGTH,
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAM_VAL_LENGTH,
-    MAX_PARAMS_TAGS_PER_BATCH,
-    MAX_TAG_VAL_LENGTH,
-    path_not_unique,
-    validate_param_and_metric_name,
-)
+from fatscale.checkpoint import write_atomic
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
 # MLflow's REST client retries a failed request for ~4 minutes by default (7 retries, backoff
-# factor 2), which would hold up the queue and make finish() overrun its timeout; the tracker
-# retries itself. MLflow reads these from the environment at every request, process-wide, so they
-# are set only where the user has not set them (README, "Experiment tracking").
+# factor 2), which would hold up the queue; the tracker retries itself. MLflow reads these from
+# the environment at every request, process-wide, so they are set only where the user has not set
+# them (README, "Experiment tracking").
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 MIN_BACKOFF_S, MAX_BACKOFF_S = 1.0, 10.0  # between retries of the queue's head
 FINISH_RETRY_S = 0.5  # retry interval while finish() waits
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+SPILL_FILE = "mlflow-spill.jsonl"  # its name in a run's output_dir, where `sync OUTPUT_DIR` looks
+SPILL_VERSION = 1
+DELIVERED_LATE_TAG = "fatscale.delivered_late"
+SPILLED_AT_STEP_TAG = "fatscale.spilled_at_step"
+REJECTED_TAG = "fatscale.rejected_records"
 
 
 def tracking_uri(configured: str | None, output_dir: str) -> str:
@@ -56,6 +89,157 @@ def browse_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
 
 
+def sync_command(spill_path: Path) -> str:
+    """What a user runs to deliver ``spill_path`` by hand."""
+    target = spill_path.parent if spill_path.name == SPILL_FILE else spill_path
+    return f"python -m fatscale.tracking sync {target}"
+
+
+# ---------------------------------------------------------------- records: what the queue holds
+
+
+class _Metric(NamedTuple):
+    key: str
+    value: float
+    timestamp: int  # ms, when logged: a re-sent point is then the same point
+    step: int
+    kind = "metric"
+
+
+class _Param(NamedTuple):
+    key: str
+    value: str
+    kind = "param"
+
+
+class _Tag(NamedTuple):
+    key: str
+    value: str
+    kind = "tag"
+
+
+class _Artifact(NamedTuple):
+    path: str  # absolute; the file is read when delivered
+    artifact_path: str | None
+    kind = "artifact"
+
+
+class _Terminate(NamedTuple):
+    status: str
+    kind = "terminate"
+
+
+_Record = _Metric | _Param | _Tag | _Artifact | _Terminate
+_KINDS = {cls.kind: cls for cls in (_Metric, _Param, _Tag, _Artifact, _Terminate)}
+
+
+def _head(records: deque[_Record]) -> list[_Record]:
+    """The records at the front that go out in one request: consecutive metrics, params or tags up
+    to MLflow's batch limits, else the first record alone."""
+    from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+
+    kind = type(records[0])
+    limit = {_Metric: MAX_METRICS_PER_BATCH, _Param: MAX_PARAMS_TAGS_PER_BATCH, _Tag: MAX_PARAMS_TAGS_PER_BATCH}.get(kind, 1)
+    return list(itertools.takewhile(lambda record: type(record) is kind, itertools.islice(records, limit)))
+
+
+class _Spill(NamedTuple):
+    """A spill file's content (format: module docstring)."""
+
+    uri: str
+    experiment: str
+    run_name: str
+    run_id: str | None
+    step: int | None
+    rejected: int
+    records: list[_Record]
+
+    def write(self, path: Path) -> None:
+        header = {"kind": "spill", "version": SPILL_VERSION, **self._asdict()}
+        del header["records"]
+        lines = [header, *({"kind": record.kind, **record._asdict()} for record in self.records)]
+        write_atomic(path, "".join(json.dumps(line) + "\n" for line in lines).encode())
+
+    @classmethod
+    def read(cls, path: Path) -> _Spill | None:
+        try:
+            header, *lines = (json.loads(line) for line in path.read_text().splitlines())
+        except FileNotFoundError:
+            return None
+        if header.get("kind") != "spill" or header.get("version") != SPILL_VERSION:
+            raise ValueError(f"{path} is not a version {SPILL_VERSION} fatscale spill file")
+        records = [_KINDS[line.pop("kind")](**line) for line in lines]
+        return cls(**{field: header[field] for field in cls._fields[:-1]}, records=records)
+
+    def replay(self, with_status: bool) -> list[_Record]:
+        """The records to deliver, then the tags saying they came late; then the recorded terminal
+        status if ``with_status`` (a resumed run is RUNNING again instead)."""
+        data = [record for record in self.records if not isinstance(record, _Terminate)]
+        late = [_Tag(DELIVERED_LATE_TAG, str(len(data)))]
+        if self.step is not None:
+            late.append(_Tag(SPILLED_AT_STEP_TAG, str(self.step)))
+        status = [record for record in self.records if isinstance(record, _Terminate)] if with_status else []
+        return data + late + status
+
+
+class _Sender:
+    """Sends one batch of records (see ``_head``) to a run. Errors worth retrying raise; whatever
+    MLflow will never accept is logged, counted in ``rejected`` and dropped. Tracker's thread and
+    the sync command both deliver through it."""
+
+    def __init__(self, client: MlflowClient, rejected: int):
+        self.client, self.rejected = client, rejected
+
+    def send(self, run_id: str, batch: list[_Record]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        head = batch[0]
+        try:
+            if isinstance(head, _Metric):
+                self.client.log_batch(run_id, metrics=[Metric(*metric) for metric in batch])
+            elif isinstance(head, _Param):
+                self._send_params(run_id, [Param(*param) for param in batch])
+            elif isinstance(head, _Tag):
+                self.client.log_batch(run_id, tags=[RunTag(*tag) for tag in batch])
+            elif isinstance(head, _Artifact):
+                self.client.log_artifact(run_id, head.path, head.artifact_path)
+            else:
+                if self.rejected:  # before the status: a run must not look complete when it is not
+                    self.client.set_tag(run_id, REJECTED_TAG, str(self.rejected))
+                self.client.set_terminated(run_id, head.status)
+        except Exception as e:
+            if _retryable(e):
+                raise
+            log.warning("MLflow rejected %d tracking record(s), dropped: %s", len(batch), _brief(e))
+            self.rejected += len(batch)
+
+    def _send_params(self, run_id: str, params: list) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.log_batch(run_id, params=params)
+        except MlflowException as e:
+            if _retryable(e) or len(params) == 1:
+                raise
+            # MLflow rejects the whole batch for one param (typically a value changed on resume):
+            # send them one by one so that only that one is lost. Re-sending a logged value is
+            # allowed. Counted once all went through: a retry would send them all again.
+            rejected = []
+            for param in params:
+                try:
+                    self.client.log_batch(run_id, params=[param])
+                except MlflowException as e:
+                    if _retryable(e):
+                        raise
+                    rejected.append((param.key, _brief(e)))
+            for key, why in rejected:
+                log.warning("MLflow rejected param %r, dropped: %s", key, why)
+            self.rejected += len(rejected)
+
+
+# ---------------------------------------------------------------- the tracker
+
+
 class Tracker:
     """Logs one training run to MLflow; see the module docstring.
 
@@ -65,32 +249,48 @@ class Tracker:
     unreachable, ``run_id`` stays None until the background thread gets through, and
     ``wait_run_id()`` waits for it. Errors MLflow will never accept (an unknown run_id to resume,
     an invalid experiment name) raise here.
+
+    ``spill_path``: where ``finish()`` writes what it could not deliver. If that file exists, its
+    records are delivered first and the run it names is resumed (``run_id=None`` included); its
+    recorded terminal status is superseded, the run being RUNNING again, and the rejections it
+    counts carry on (``fatscale.rejected_records``, ``finish()``'s result). A file naming another
+    run than ``run_id`` raises ValueError: deliver it with the sync command first.
     """
 
     def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None,
-                 tags: dict[str, str] | None = None, system_metrics: bool = True):
-        if uri.startswith(("http://", "https://")):
-            for key, value in HTTP_ENV_DEFAULTS.items():
-                os.environ.setdefault(key, value)
-        self._database = _sqlite_path(uri)
-        if self._database is not None:
-            self._database.parent.mkdir(parents=True, exist_ok=True)
+                 tags: dict[str, str] | None = None, system_metrics: bool = True, spill_path: Path | None = None):
         self._uri = uri
-        self._client = MlflowClient(uri)
-        self._experiment, self._run_name, self._resume_id = experiment, run_name, run_id
+        self._client, self._database = _connect(uri)
+        self._experiment, self._run_name = experiment, run_name
+        self._spill_path = None if spill_path is None else Path(spill_path)
+        # The spill file's content as this Tracker left or found it; None once there is none.
+        self._spilled = None if self._spill_path is None else _Spill.read(self._spill_path)
+        replay: list[_Record] = []
+        rejected = 0
+        self._step: int | None = None  # the highest step logged, for fatscale.spilled_at_step
+        if self._spilled is not None:
+            if None not in (run_id, self._spilled.run_id) and run_id != self._spilled.run_id:
+                raise ValueError(f"{self._spill_path} holds records of MLflow run {self._spilled.run_id}, not of run "
+                                 f"{run_id}: deliver them first with `{sync_command(self._spill_path)}`")
+            run_id = run_id or self._spilled.run_id
+            replay = self._spilled.replay(with_status=False)
+            rejected, self._step = self._spilled.rejected, self._spilled.step
+            log.info("MLflow: delivering the %d record(s) of %s first", len(self._spilled.records), self._spill_path)
+        self._resume_id = run_id
+        self._sender = _Sender(self._client, rejected)
         self._system_metrics = system_metrics
-        self._monitor: SystemMetricsMonitor | None = None
+        self._monitor = None  # MLflow's SystemMetricsMonitor
         self._monitor_lock = threading.Lock()
         self.run_id: str | None = None
         self._run_ready = threading.Event()
-        # Metric objects and one-shot callables taking the run id, in call order. An item leaves
-        # the queue only once delivered (or rejected by MLflow), so finish() waits for an empty queue.
-        self._queue: deque[Metric | Callable[[str], None]] = deque()
+        # Records in call order. One leaves the queue only once delivered (or rejected by MLflow),
+        # so finish() waits for an empty queue.
+        self._queue: deque[_Record] = deque(replay)
+        self._replay_left = len(replay)  # at the queue's front; the spill file goes once they are in
         self._cond = threading.Condition()
         self._closed = False  # set by finish(): the worker exits and new calls are ignored
         self._finishing = threading.Event()
         self._unreachable = False
-        self._rejected = 0
         self._result: bool | None = None
         self._checked_keys: set[str] = set()
         if tags:
@@ -114,52 +314,57 @@ class Tracker:
         """Values are stringified and cut to MLflow's limit. Re-logging an identical value is
         allowed; a changed value on a resumed run is rejected by MLflow (one warning, the other
         params still go in)."""
-        items = [Param(self._checked(key), str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in params.items()]
-        self._put(*(functools.partial(self._send_params, chunk) for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH)))
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        self._put(*(_Param(self._checked(key), str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in params.items()))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Only validates and enqueues: no I/O on the caller's thread."""
-        timestamp = int(time.time() * 1000)
-        self._put(*(Metric(self._checked(key), float(value), timestamp, int(step)) for key, value in metrics.items()))
+        timestamp, step = int(time.time() * 1000), int(step)
+        self._step = step if self._step is None else max(self._step, step)
+        self._put(*(_Metric(self._checked(key), float(value), timestamp, step) for key, value in metrics.items()))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        items = [RunTag(self._checked(key), str(value)[:MAX_TAG_VAL_LENGTH]) for key, value in tags.items()]
-        self._put(*(functools.partial(self._send_tags, chunk) for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH)))
+        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+        self._put(*(_Tag(self._checked(key), str(value)[:MAX_TAG_VAL_LENGTH]) for key, value in tags.items()))
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        """The file is read when it is delivered, so it must stay in place until finish()."""
+        """The file is read when it is delivered, so it must stay in place until then (after a
+        spill, until the spill file is delivered)."""
         path = os.path.abspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"cannot log MLflow artifact, no such file: {path}")
-        self._put(lambda run_id: self._client.log_artifact(run_id, path, artifact_path))
+        self._put(_Artifact(path, artifact_path))
 
     def finish(self, status: str = "FINISHED", timeout: float = 60.0) -> bool:
-        """Delivers what is queued (waiting at most ``timeout`` s), then ends the run with ``status``
-        (FINISHED, FAILED or KILLED). True if everything reached MLflow. A second call is a no-op."""
+        """Delivers what is queued, then ends the run with ``status`` (FINISHED, FAILED or KILLED),
+        waiting at most ``timeout`` s whatever the server does (a preempted job passes a few
+        seconds). True if everything reached MLflow. What did not, the status included, is written
+        to the spill file (without one: dropped, with a warning); the run stays RUNNING until the
+        file is delivered. A second call is a no-op."""
         if self._result is not None:
             return self._result
-        if status not in ("FINISHED", "FAILED", "KILLED"):
+        if status not in TERMINAL_STATUSES:
             raise ValueError(f"finish status must be FINISHED, FAILED or KILLED, not {status!r}")
         deadline = time.monotonic() + timeout
         self._finishing.set()
-        with self._monitor_lock:
-            if self._monitor is not None:
-                self._monitor.finish()  # its last samples go in while the run is still RUNNING
-        self._put(lambda run_id: self._client.set_terminated(run_id, status))
+        self._stop_system_metrics(deadline)
+        self._put(_Terminate(status))
         with self._cond:
             delivered = self._cond.wait_for(lambda: not self._queue, max(0.0, deadline - time.monotonic()))
-            left = len(self._queue)
             self._closed = True
             self._cond.notify_all()
-        if not delivered:
-            log.warning("MLflow: %d tracking record(s) for run %s not delivered within %.0f s; dropped",
-                        left, self.run_id, timeout)
-        self._result = delivered and self._rejected == 0
+            if not delivered:  # under the lock: the worker may be about to remove a replayed spill file
+                self._spill(list(self._queue), timeout)
+        self._result = delivered and self._sender.rejected == 0
         return self._result
 
     def _checked(self, key: str) -> str:
         # Checked on the caller's thread, once per key: MLflow rejects a whole batch for one bad key.
         if key not in self._checked_keys:
+            from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, path_not_unique, validate_param_and_metric_name
+
             if not (isinstance(key, str) and len(key) <= MAX_ENTITY_KEY_LENGTH
                     and validate_param_and_metric_name(key) and not path_not_unique(key)):
                 raise ValueError(f"invalid MLflow key {key!r}: up to {MAX_ENTITY_KEY_LENGTH} letters, digits, "
@@ -167,10 +372,10 @@ class Tracker:
             self._checked_keys.add(key)
         return key
 
-    def _put(self, *items: Metric | Callable[[str], None]) -> None:
+    def _put(self, *records: _Record) -> None:
         with self._cond:
             if not self._closed:
-                self._queue.extend(items)
+                self._queue.extend(records)
                 self._cond.notify_all()
 
     def _open_run(self) -> None:
@@ -178,36 +383,60 @@ class Tracker:
             self._client.update_run(self._resume_id, status="RUNNING")
             run_id = self._resume_id
         else:
-            run_id = self._client.create_run(self._experiment_id(), run_name=self._run_name).info.run_id
-        self.run_id = run_id
+            run_id = _create_run(self._client, self._experiment, self._run_name, self._database)
+        with self._cond:
+            self.run_id = run_id
+            if self._spilled is not None and self._spilled.run_id is None:
+                # Else a crash before the file is delivered would have the next job create yet another run.
+                self._spilled = self._spilled._replace(run_id=run_id)
+                try:
+                    self._spilled.write(self._spill_path)
+                except OSError as e:
+                    log.warning("MLflow: cannot record run %s in %s (%s): delivered again after a crash, "
+                                "its records would go to a new run", run_id, self._spill_path, e)
         self._run_ready.set()
 
-    def _experiment_id(self) -> str:
-        experiment = self._client.get_experiment_by_name(self._experiment)
-        if experiment is not None:
-            return experiment.experiment_id
-        # With a SQLite store, artifacts go beside the database file (MLflow's default is ./mlruns
-        # under whatever the working directory is); a server chooses for itself.
-        location = None if self._database is None else (self._database.parent / "mlartifacts").as_uri()
+    def _spill(self, records: list[_Record], timeout: float) -> None:
+        run_id = self.run_id or self._resume_id
+        what = f"MLflow: {len(records)} tracking record(s) for run {run_id or '(not created yet)'} not delivered within {timeout:g} s"
+        if self._spill_path is None:
+            log.warning("%s; dropped (no spill file)", what)
+            return
+        spill = _Spill(self._uri, self._experiment, self._run_name, run_id, self._step, self._sender.rejected, records)
         try:
-            return self._client.create_experiment(self._experiment, artifact_location=location)
-        except MlflowException as e:  # another job created it in between
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            return self._client.get_experiment_by_name(self._experiment).experiment_id
+            spill.write(self._spill_path)
+        except OSError as e:
+            log.error("%s; lost: cannot write %s: %s", what, self._spill_path, e)
+            return
+        self._spilled = spill
+        log.warning("%s; saved to %s: the resumed run delivers them first, or run `%s`", what, self._spill_path,
+                    sync_command(self._spill_path))
 
     def _start_system_metrics(self) -> None:
         # MLflow's monitor thread stops for good at its first failed request, so a new one (continuing
         # the step count) is started after every outage.
-        if not self._system_metrics:
+        if not self._system_metrics or self._finishing.is_set():
             return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self._uri)
         with self._monitor_lock:
             if self._finishing.is_set():
                 return
-            if self._monitor is not None:
-                self._monitor.finish()
-            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self._uri)
-            self._monitor.start()
+            previous, self._monitor = self._monitor, monitor
+            monitor.start()
+        if previous is not None:
+            previous.finish()
+
+    def _stop_system_metrics(self, deadline: float) -> None:
+        # The monitor's finish() joins its thread, which may be in a request, and then flushes: with
+        # the server hanging, each takes up to MLFLOW_HTTP_REQUEST_TIMEOUT. Waited for until the deadline only.
+        with self._monitor_lock:
+            monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            stopping = threading.Thread(target=monitor.finish, name="mlflow-monitor-stop", daemon=True)
+            stopping.start()
+            stopping.join(max(0.0, deadline - time.monotonic()))  # its last samples go in while RUNNING
 
     def _deliver(self) -> None:
         """Background thread: sends the queue's head until it is accepted or rejected, in order."""
@@ -217,14 +446,12 @@ class Tracker:
                 self._cond.wait_for(lambda: self._queue or self.run_id is None or self._closed)
                 if self._closed:
                     return
-                batch = self._head() if self.run_id is not None else []
+                batch = _head(self._queue) if self.run_id is not None else []
             try:
-                if not batch:
-                    self._open_run()
-                elif isinstance(batch[0], Metric):
-                    self._client.log_batch(self.run_id, metrics=batch)
+                if batch:
+                    self._sender.send(self.run_id, batch)
                 else:
-                    batch[0](self.run_id)
+                    self._open_run()
             except Exception as e:
                 if _retryable(e):
                     self._went_unreachable(e)
@@ -234,54 +461,30 @@ class Tracker:
                         self._finishing.wait(delay)  # finish() cuts the wait short
                     delay = min(2 * delay, MAX_BACKOFF_S)
                     continue
-                if not batch:
-                    log.error("MLflow: cannot create or resume the run, tracking is off: %s", _brief(e))
-                    with self._cond:
-                        self._rejected += len(self._queue)
-                        self._queue.clear()
-                        self._closed = True
-                        self._cond.notify_all()
-                    return
-                log.warning("MLflow rejected %d tracking record(s), dropped: %s", len(batch), _brief(e))
-                self._rejected += len(batch)
-            else:
-                if self._unreachable:
-                    self._unreachable = False
-                    log.info("MLflow tracking at %s reachable again, sending buffered records", self._uri)
-                    self._start_system_metrics()
+                # Only opening the run gets here: the sender drops what MLflow rejects.
+                kept = f"; {self._spill_path} is kept" if self._replay_left else ""
+                log.error("MLflow: cannot create or resume the run, tracking is off: %s%s", _brief(e), kept)
+                with self._cond:
+                    self._sender.rejected += len(self._queue)
+                    self._queue.clear()
+                    self._closed = True
+                    self._cond.notify_all()
+                return
+            if self._unreachable:
+                self._unreachable = False
+                log.info("MLflow tracking at %s reachable again, sending buffered records", self._uri)
+                self._start_system_metrics()
             delay = MIN_BACKOFF_S
             with self._cond:
                 for _ in batch:
                     self._queue.popleft()
+                if self._replay_left:
+                    self._replay_left = max(0, self._replay_left - len(batch))
+                    if not self._replay_left and not self._closed:  # closed: finish() has written a new one
+                        self._spill_path.unlink(missing_ok=True)
+                        self._spilled = None
+                        log.info("MLflow: %s delivered, removed", self._spill_path)
                 self._cond.notify_all()
-
-    def _head(self) -> list:
-        # Consecutive metrics go out together: one log_batch call takes up to 1000 of them.
-        head = self._queue[0]
-        if not isinstance(head, Metric):
-            return [head]
-        window = itertools.islice(self._queue, MAX_METRICS_PER_BATCH)
-        return list(itertools.takewhile(lambda item: isinstance(item, Metric), window))
-
-    def _send_params(self, params: list[Param], run_id: str) -> None:
-        try:
-            self._client.log_batch(run_id, params=params)
-        except MlflowException as e:
-            if _retryable(e) or len(params) == 1:
-                raise
-            # MLflow rejects the whole batch for one param (typically a value changed on resume):
-            # send them one by one so that only that one is lost. Re-sending a logged value is allowed.
-            for param in params:
-                try:
-                    self._client.log_batch(run_id, params=[param])
-                except MlflowException as e:
-                    if _retryable(e):
-                        raise
-                    log.warning("MLflow rejected param %r, dropped: %s", param.key, _brief(e))
-                    self._rejected += 1
-
-    def _send_tags(self, tags: list[RunTag], run_id: str) -> None:
-        self._client.log_batch(run_id, tags=tags)
 
     def _went_unreachable(self, error: Exception) -> None:
         if not self._unreachable:
@@ -291,9 +494,13 @@ class Tracker:
 
 
 class NullTracker:
-    """Stands in for Tracker on ranks != 0: same methods, does nothing."""
+    """Stands in for Tracker on ranks != 0: takes the same arguments, does nothing."""
 
     run_id = None
+
+    def __init__(self, uri: str = "", experiment: str = "", run_name: str = "", run_id: str | None = None,
+                 tags: dict[str, str] | None = None, system_metrics: bool = True, spill_path: Path | None = None):
+        pass
 
     def wait_run_id(self, timeout: float | None = None) -> None:
         return None
@@ -314,9 +521,105 @@ class NullTracker:
         return True
 
 
+# ---------------------------------------------------------------- sync command
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fatscale.tracking",
+                                     description="MLflow records a training run could not deliver (see fatscale/tracking.py).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sync = commands.add_parser(
+        "sync", help="deliver a run's spill file to MLflow",
+        description=f"Deliver OUTPUT_DIR/{SPILL_FILE} to its MLflow run (created if it never was), set the "
+                    "run's recorded terminal status, remove the file, print one line. Exits 1, keeping the file, "
+                    "if MLflow cannot be reached; run it again then: nothing is shown twice.")
+    sync.add_argument("output_dir", metavar="OUTPUT_DIR", type=Path,
+                      help=f"the run's output directory (or the spill file itself, if not named {SPILL_FILE})")
+    args = parser.parse_args(argv)
+    code, line = _sync(args.output_dir)
+    print(line, file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
+def _sync(path: Path) -> tuple[int, str]:
+    """Exit status and the line to print."""
+    if not path.exists():
+        return 1, f"no such output directory or spill file: {path}"
+    if path.is_dir():
+        path = path / SPILL_FILE
+    spill = _Spill.read(path)
+    if spill is None:
+        return 0, f"nothing to sync: no {path}"
+    client, database = _connect(spill.uri)
+    sender = _Sender(client, spill.rejected)
+    try:
+        if spill.run_id is None:
+            spill = spill._replace(run_id=_create_run(client, spill.experiment, spill.run_name, database))
+            spill.write(path)  # a second try after a failure delivers to this run, not to a new one
+        else:
+            client.get_run(spill.run_id)  # not there (another server?): keep the file
+        queue = deque(spill.replay(with_status=True))
+        while queue:
+            batch = _head(queue)
+            sender.send(spill.run_id, batch)
+            for _ in batch:
+                queue.popleft()
+    except Exception as e:
+        why = "unreachable" if _retryable(e) else "cannot take the records"
+        return 1, f"MLflow at {spill.uri} {why} ({_brief(e)}); {path} kept: run this again"
+    path.unlink()
+    counts = Counter(record.kind for record in spill.records if not isinstance(record, _Terminate))
+    status = next((record.status for record in spill.records if isinstance(record, _Terminate)), None)
+    line = (f"synced {path} to MLflow run {spill.run_id} at {spill.uri}: "
+            + ", ".join(f"{n} {kind}(s)" for kind, n in counts.items())
+            + (f"; status {status}" if status else "")
+            + (f"; {sender.rejected} record(s) rejected by MLflow, tagged {REJECTED_TAG}" if sender.rejected else ""))
+    return 0, line
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _connect(uri: str) -> tuple[MlflowClient, Path | None]:
+    """A client for ``uri``, and for a SQLite store its database file (folder created)."""
+    from mlflow import MlflowClient
+
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    database = _sqlite_path(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(uri), database
+
+
+def _create_run(client: MlflowClient, experiment: str, run_name: str, database: Path | None) -> str:
+    return client.create_run(_experiment_id(client, experiment, database), run_name=run_name).info.run_id
+
+
+def _experiment_id(client: MlflowClient, name: str, database: Path | None) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # With a SQLite store, artifacts go beside the database file (MLflow's default is ./mlruns
+    # under whatever the working directory is); a server chooses for itself.
+    location = None if database is None else (database.parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as e:  # another job created it in between
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def _retryable(error: Exception) -> bool:
     """No answer from the server (MLflow reports it as INTERNAL_ERROR, HTTP 500), a 5xx or a 429.
     Anything else (a 4xx, a missing file) will fail the same way again."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
     if isinstance(error, MlflowException):
         code = error.get_http_status_code()
     elif isinstance(error, requests.HTTPError) and error.response is not None:  # artifact uploads
@@ -330,11 +633,13 @@ def _brief(error: Exception) -> str:
     return str(error).strip().split("\n")[0] or type(error).__name__
 
 
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")  # the sender's rejections
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our one line names the run
+    sys.exit(main())

@@ -42,7 +42,7 @@ from fatscale.data.manifest import load_manifest
 from fatscale.export import export
 from fatscale.lifetime import end_with_parent
 from fatscale.run_lock import RunDirBusy, RunLock
-from fatscale.tracking import NullTracker, Tracker, tracking_uri
+from fatscale.tracking import SPILL_FILE, NullTracker, Tracker, tracking_uri
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -50,6 +50,9 @@ from timm.utils import ModelEmaV3
 
 log = logging.getLogger("fatscale")
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+# Slurm kills a job 90 s after USR2: stopping (save, then requeue) must not wait on MLflow. What is
+# not delivered by then is spilled to OUTPUT_DIR/mlflow-spill.jsonl for the resumed run to send.
+TRACKING_STOP_TIMEOUT_S = 3.0
 
 
 class TrainingDiverged(RuntimeError):
@@ -320,8 +323,9 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
     if rank == 0:
         tags = {"model": recipe.model.name, "recipe": recipe.tracking.run_name, "nodes": os.environ.get("SLURM_NNODES", "1"),
                 "job_id": os.environ.get("SLURM_JOB_ID", "local")}
-        tracker = Tracker(tracking_uri(recipe.tracking.uri, recipe.output_dir), recipe.tracking.experiment, recipe.tracking.run_name, progress["mlflow_run_id"], tags,
-                          recipe.tracking.system_metrics)
+        tracker = Tracker(tracking_uri(recipe.tracking.uri, recipe.output_dir), recipe.tracking.experiment,
+                          recipe.tracking.run_name, progress["mlflow_run_id"], tags, recipe.tracking.system_metrics,
+                          spill_path=output_dir / SPILL_FILE)
         if progress["mlflow_run_id"] is None:
             params = flatten(to_dict(recipe))
             params.update(world_size=world, gpus=world if device.type == "cuda" else 0, git_commit=git_commit())
@@ -344,7 +348,7 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
         step = progress["global_step"]
         tag = ckpt.tag_for(step)
         if rank == 0:
-            progress["mlflow_run_id"] = tracker.run_id
+            progress["mlflow_run_id"] = tracker.run_id or progress["mlflow_run_id"]  # None while MLflow is away
         engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
         rank_state = dict(loader=train_loader.state_dict(), rng=rng_state(),
                           grad_scaler=grad_scaler.state_dict() if grad_scaler is not None else None)
@@ -384,7 +388,7 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
         if rank == 0:
             log.warning("stop requested: saved %s; training stops here", checkpoint_dir / ckpt.tag_for(progress["global_step"]))
         tracker.set_tags({"interrupted_at_step": str(progress["global_step"])})
-        tracker.finish("KILLED")
+        tracker.finish("KILLED", timeout=TRACKING_STOP_TIMEOUT_S)
         raise Interrupted(progress["global_step"])
 
     stop = stop or threading.Event()
@@ -479,7 +483,7 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
             tracker.finish("FINISHED")
             log.info("done: %s", " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
     except BaseException:
-        tracker.finish("FAILED")  # a no-op after interrupt(): the run stays KILLED
+        tracker.finish("FAILED", timeout=TRACKING_STOP_TIMEOUT_S)  # a no-op after interrupt(): the run stays KILLED
         raise
     dist.barrier()
     if run_lock is not None:

@@ -1,6 +1,7 @@
 """launch/slurm.py against a real Slurm cluster on loopback (fatscale.devcluster): 2 nodes,
 real submitit jobs training with DeepSpeed (gloo) across them, preemption and requeue."""
 
+import signal
 import subprocess
 import sys
 import time
@@ -151,6 +152,50 @@ def test_a_live_run_in_the_output_dir_fails_before_submission(cluster, tmp_path,
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.slow
+def test_preemption_with_the_tracking_server_down_requeues_at_once_and_loses_no_metric(cluster, tmp_path, demo_shards,
+                                                                                      mlflow_server):
+    recipe = demo_recipe(tmp_path, demo_shards, train={"epochs": 2}, checkpoint={"every_steps": None, "every_minutes": None},
+                         tracking={"uri": mlflow_server.uri, "experiment": "preempted-outage"}, slurm=CPU_NODES)
+    mlflow_server.start()
+    client = MlflowClient(mlflow_server.uri)
+    job = job_of(submit(cluster, recipe, "--nodes", "2"), recipe)
+    log = Path(job.paths.stdout)
+    deadline = time.monotonic() + 300
+    while True:  # the first metrics reach the server, then it goes away
+        experiment = client.get_experiment_by_name("preempted-outage")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+            break
+        assert time.monotonic() < deadline and not job.done(), "no metrics reached the server"
+        time.sleep(0.2)
+    mlflow_server.stop(signal.SIGKILL)
+    while " step 10/30 " not in log.read_text():
+        assert time.monotonic() < deadline and not job.done(), "the job did not reach step 10"
+        time.sleep(0.1)
+    signalled = time.monotonic()
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)  # a preemption (or the time limit near)
+    while "Restarts=1" not in subprocess.run(["scontrol", "show", "job", "-o", job.job_id], capture_output=True,
+                                             text=True).stdout:
+        assert time.monotonic() - signalled < 90, "not requeued within Slurm's 90 s of warning"
+        time.sleep(0.2)
+    requeued_after = time.monotonic() - signalled
+    print(f"requeued {requeued_after:.1f} s after USR2, with the tracking server down")
+    assert requeued_after < 30
+    spill = Path(load_recipe(recipe).output_dir) / "mlflow-spill.jsonl"
+    assert spill.exists()  # what the server did not get is on disk, and the requeued job cannot deliver it yet
+    mlflow_server.start()
+    results = job.results()
+    assert results[0]["requeues"] == 1 and final_state(job) == "COMPLETED"
+    run = client.get_run(runs[0].info.run_id)
+    assert run.info.status == "FINISHED" and int(run.data.tags["fatscale.delivered_late"]) > 0
+    interrupted_at = int(run.data.tags["interrupted_at_step"])
+    assert 10 <= interrupted_at < 30
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [5, 10, 15, 20, 25, 30]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [15, 30]
+    assert not spill.exists()
 
 
 def test_dry_run_prints_and_submits_nothing(cluster, tmp_path, demo_shards):

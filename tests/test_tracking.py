@@ -1,10 +1,14 @@
 """fatscale.tracking against real MLflow stores: a SQLite file, and a real `mlflow server`
-that the tests stop and restart to check that nothing logged during an outage is lost."""
+that the tests stop, freeze and restart to check that nothing logged during an outage is lost:
+neither while the process lives, nor through a spill file when it stops."""
 
+import json
 import logging
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,8 +16,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from conftest import free_port
-from fatscale.tracking import HTTP_ENV_DEFAULTS, NullTracker, Tracker, tracking_uri
+from conftest import REPO, free_port
+from fatscale.tracking import HTTP_ENV_DEFAULTS, SPILL_FILE, NullTracker, Tracker, main, tracking_uri
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,34 @@ def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 def tracker_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "fatscale.tracking" and r.levelno >= logging.WARNING]
+
+
+def read_spill(path: Path) -> tuple[dict, list[dict]]:
+    """The spill file as documented in fatscale.tracking: a header line, then one record a line."""
+    header, *records = (json.loads(line) for line in path.read_text().splitlines())
+    assert header["kind"] == "spill"
+    return header, records
+
+
+def late(records: list[dict]) -> str:
+    """fatscale.delivered_late for a spill of ``records``: all but the terminal status."""
+    return str(sum(r["kind"] != "terminate" for r in records))
+
+
+def spilled_steps(records: list[dict], key: str) -> list[int]:
+    return [r["step"] for r in records if r["kind"] == "metric" and r["key"] == key]
+
+
+def wait_for_steps(client: MlflowClient, run_id: str, key: str, count: int) -> None:
+    deadline = time.monotonic() + 20
+    while len(client.get_metric_history(run_id, key)) < count:
+        assert time.monotonic() < deadline, "metrics did not reach the server"
+        time.sleep(0.1)
+
+
+def run_sync(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fatscale.tracking", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_sqlite_round_trip_and_resume(sqlite_uri, tmp_path, caplog):
@@ -85,6 +117,7 @@ def test_sqlite_round_trip_and_resume(sqlite_uri, tmp_path, caplog):
     assert steps(client, run_id, "train/loss") == list(range(8))
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert len(tracker_warnings(caplog)) == 1 and "epochs" in tracker_warnings(caplog)[0]
+    assert run.data.tags["fatscale.rejected_records"] == "1"  # FINISHED, but not silently
 
 
 def test_system_metrics_on_an_explicit_run(sqlite_uri, monkeypatch):
@@ -192,6 +225,8 @@ def test_tracking_uri(tmp_path, monkeypatch):
 
 
 def test_null_tracker_does_nothing(tmp_path):
+    assert NullTracker("http://x", "e", "r", run_id=None, tags={}, system_metrics=False,
+                       spill_path=tmp_path / SPILL_FILE).finish("KILLED", timeout=3) is True
     tracker = NullTracker()
     tracker.log_params({"a": 1})
     tracker.log_metrics({"loss": 1.0}, 0)
@@ -199,3 +234,237 @@ def test_null_tracker_does_nothing(tmp_path):
     tracker.log_artifact(str(tmp_path / "missing"))
     assert tracker.run_id is None and tracker.wait_run_id(0) is None
     assert tracker.finish() is True
+
+
+@pytest.mark.slow  # ~20 s on 2 cores: a server restart
+def test_preemption_spills_and_the_resumed_run_delivers_each_record_once(mlflow_server, tmp_path, caplog):
+    """(a) The server dies, the job is preempted: finish() keeps to its short timeout and spills;
+    the requeued job's Tracker (no run id: the checkpoint may not have one) delivers the spill
+    into the same run, once, with the original timestamps, before its own records."""
+    mlflow_server.start()
+    client = MlflowClient(mlflow_server.uri)
+    spill = tmp_path / SPILL_FILE
+    first = Tracker(mlflow_server.uri, "preempted", "first", spill_path=spill, system_metrics=False)
+    run_id = first.run_id
+    first.log_metrics({"loss": 1.0}, 0)
+    wait_for_steps(client, run_id, "loss", 1)
+
+    mlflow_server.stop(signal.SIGKILL)
+    for step in range(1, 21):
+        first.log_metrics({"loss": 1.0 / (step + 1), "grad_norm": float("nan") if step == 7 else float(step)}, step)
+    first.log_params({"lr": 0.1})
+    first.set_tags({"interrupted_at_step": "20"})
+    started = time.monotonic()
+    assert first.finish("KILLED", timeout=2) is False
+    assert time.monotonic() - started < 3
+
+    header, records = read_spill(spill)
+    assert header["run_id"] == run_id and header["step"] == 20
+    assert spilled_steps(records, "loss") == list(range(1, 21)) == spilled_steps(records, "grad_norm")
+    assert {"kind": "param", "key": "lr", "value": "0.1"} in records
+    assert {"kind": "tag", "key": "interrupted_at_step", "value": "20"} in records
+    assert records[-1] == {"kind": "terminate", "status": "KILLED"}
+    warning = tracker_warnings(caplog)[-1]
+    assert str(spill) in warning and f"python -m fatscale.tracking sync {tmp_path}" in warning
+
+    mlflow_server.start()
+    assert client.get_run(run_id).info.status == "RUNNING"  # KILLED waits in the spill with the rest
+    second = Tracker(mlflow_server.uri, "preempted", "second", spill_path=spill, system_metrics=False)
+    assert second.run_id == run_id
+    second.log_metrics({"loss": 0.01}, 21)
+    assert second.finish(timeout=60) is True
+    assert not spill.exists()
+
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(22))
+    spilled = {r["step"]: r["timestamp"] for r in records if r["kind"] == "metric" and r["key"] == "loss"}
+    assert {m.step: m.timestamp for m in history if m.step in spilled} == spilled
+    assert next(m.timestamp for m in history if m.step == 21) >= max(spilled.values())
+    grad_norm = {m.step: m.value for m in client.get_metric_history(run_id, "grad_norm")}
+    assert sorted(grad_norm) == list(range(1, 21)) and math.isnan(grad_norm[7])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.1"}
+    assert run.data.tags["interrupted_at_step"] == "20"
+    assert run.data.tags["fatscale.delivered_late"] == late(records)
+    assert run.data.tags["fatscale.spilled_at_step"] == "20"
+
+
+def test_sync_help_answers_without_importing_mlflow():
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "fatscale.tracking", "sync", "--help"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "OUTPUT_DIR" in result.stdout
+    assert "mlflow" not in result.stderr  # -X importtime lists every module imported
+
+
+@pytest.mark.slow  # ~20 s on 2 cores: a server restart, three interpreters
+def test_sync_command_delivers_the_spill_and_sets_the_recorded_status(mlflow_server, tmp_path):
+    """(b) The server is down for a whole run; `sync` fails cleanly while it is still down, then
+    creates the run, delivers everything and sets the recorded KILLED."""
+    mlflow_server.stop(signal.SIGKILL)
+    spill = tmp_path / SPILL_FILE
+    artifact = tmp_path / "recipe.yaml"
+    artifact.write_text("model: fat_b0\n")
+    tracker = Tracker(mlflow_server.uri, "sync", "down-all-along", tags={"job_id": "7"}, spill_path=spill,
+                      system_metrics=False)
+    assert tracker.run_id is None
+    tracker.log_params({"lr": 0.1, "epochs": 10})
+    for step in range(10):
+        tracker.log_metrics({"loss": 1.0 / (step + 1)}, step)
+    tracker.log_artifact(str(artifact), "config")
+    assert tracker.finish("KILLED", timeout=1) is False
+    before = spill.read_bytes()
+    header, records = read_spill(spill)
+    assert header["run_id"] is None
+
+    down = run_sync("sync", str(tmp_path))
+    assert down.returncode != 0
+    assert len((down.stdout + down.stderr).strip().splitlines()) == 1 and "unreachable" in down.stderr
+    assert spill.read_bytes() == before
+
+    mlflow_server.start()
+    done = run_sync("sync", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip().splitlines()) == 1 and not done.stderr.strip()
+    assert not spill.exists()
+    client = MlflowClient(mlflow_server.uri)
+    [run] = client.search_runs([client.get_experiment_by_name("sync").experiment_id])
+    assert run.info.run_id in done.stdout and "KILLED" in done.stdout
+    assert run.info.status == "KILLED" and run.info.run_name == "down-all-along"
+    assert run.data.params == {"lr": "0.1", "epochs": "10"} and run.data.tags["job_id"] == "7"
+    assert steps(client, run.info.run_id, "loss") == list(range(10))
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "config")] == ["config/recipe.yaml"]
+    assert run.data.tags["fatscale.delivered_late"] == late(records)
+    assert "nothing to sync" in run_sync("sync", str(tmp_path)).stdout
+
+
+# Replays the spill like a requeued job, and SIGKILLs itself right after MLflow accepted its
+# second request: a crash at a known point in the middle of a real replay.
+CRASHING_REPLAY = """
+import os, signal, sys
+from pathlib import Path
+from mlflow import MlflowClient
+from fatscale.tracking import Tracker
+
+accepted = 0
+log_batch = MlflowClient.log_batch
+
+def log_batch_then_crash(self, *args, **kwargs):
+    global accepted
+    log_batch(self, *args, **kwargs)
+    accepted += 1
+    if accepted == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+MlflowClient.log_batch = log_batch_then_crash
+Tracker(sys.argv[1], "crash", "replayed", spill_path=Path(sys.argv[2]), system_metrics=False).finish(timeout=120)
+"""
+
+
+@pytest.mark.slow  # ~25 s on 2 cores: a server restart, a replaying interpreter
+def test_replay_killed_midway_then_completed_delivers_each_record_once(mlflow_server, tmp_path):
+    """(c) A replay SIGKILLed after part of the spill went in, then done again by the next job:
+    one run, every metric point once."""
+    mlflow_server.stop(signal.SIGKILL)
+    spill = tmp_path / SPILL_FILE
+    tracker = Tracker(mlflow_server.uri, "crash", "replayed", spill_path=spill, system_metrics=False)
+    for step in range(1500):  # 3000 points: three requests of 1000
+        tracker.log_metrics({"loss": 1.0 / (step + 1), "grad_norm": float("nan") if step % 100 == 0 else 1.0}, step)
+    assert tracker.finish("KILLED", timeout=0.5) is False
+    assert read_spill(spill)[0]["run_id"] is None
+
+    mlflow_server.start()
+    crashed = subprocess.run([sys.executable, "-c", CRASHING_REPLAY, mlflow_server.uri, str(spill)], cwd=REPO,
+                             timeout=120)
+    assert crashed.returncode == -signal.SIGKILL
+    client = MlflowClient(mlflow_server.uri)
+    experiment_id = client.get_experiment_by_name("crash").experiment_id
+    [run] = client.search_runs([experiment_id])
+    delivered = len(client.get_metric_history(run.info.run_id, "loss")) + len(
+        client.get_metric_history(run.info.run_id, "grad_norm"))
+    assert 0 < delivered < 3000
+    assert read_spill(spill)[0]["run_id"] == run.info.run_id  # recorded before the replay began
+
+    resumed = Tracker(mlflow_server.uri, "crash", "replayed", spill_path=spill, system_metrics=False)
+    assert resumed.run_id == run.info.run_id
+    resumed.log_metrics({"loss": 0.0}, 1500)
+    assert resumed.finish(timeout=120) is True
+    assert not spill.exists()
+    assert len(client.search_runs([experiment_id])) == 1
+    assert steps(client, run.info.run_id, "loss") == list(range(1501))
+    grad_norm = client.get_metric_history(run.info.run_id, "grad_norm")
+    assert sorted(m.step for m in grad_norm) == list(range(1500))
+    assert sorted(m.step for m in grad_norm if math.isnan(m.value)) == list(range(0, 1500, 100))
+
+
+@pytest.mark.slow  # ~20 s on 2 cores: a server restart
+def test_finished_is_set_only_once_everything_is_delivered(mlflow_server, tmp_path, caplog):
+    """(d) finish("FINISHED") times out: the run stays RUNNING, not FINISHED, until the spill is
+    delivered; the run then also says that MLflow rejected a record before it ended."""
+    mlflow_server.start()
+    client = MlflowClient(mlflow_server.uri)
+    spill = tmp_path / SPILL_FILE
+    first = Tracker(mlflow_server.uri, "finished", "d", system_metrics=False)
+    first.log_params({"lr": 0.1})
+    assert first.finish() is True
+    run_id = first.run_id
+    resumed = Tracker(mlflow_server.uri, "finished", "d", run_id=run_id, spill_path=spill, system_metrics=False)
+    resumed.log_params({"lr": 0.2})  # MLflow rejects a changed param
+    for step in range(5):
+        resumed.log_metrics({"loss": float(step)}, step)
+    wait_for_steps(client, run_id, "loss", 5)
+
+    mlflow_server.stop(signal.SIGKILL)
+    for step in range(5, 10):
+        resumed.log_metrics({"loss": float(step)}, step)
+    assert resumed.finish("FINISHED", timeout=1) is False
+    header, records = read_spill(spill)
+    assert header["rejected"] == 1 and records[-1] == {"kind": "terminate", "status": "FINISHED"}
+
+    mlflow_server.start()
+    time.sleep(2)  # time for anything still running in this process to reach the server
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and steps(client, run_id, "loss") == list(range(5))
+    assert main(["sync", str(tmp_path)]) == 0
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and steps(client, run_id, "loss") == list(range(10))
+    assert run.data.tags["fatscale.rejected_records"] == "1" and run.data.params == {"lr": "0.1"}
+    assert run.data.tags["fatscale.delivered_late"] == late(records)
+
+
+@pytest.mark.slow  # ~10 s on 2 cores: waits out requests to a frozen server
+def test_finish_keeps_its_timeout_while_the_server_hangs(mlflow_server, tmp_path, monkeypatch):
+    """A server that accepts connections and never answers (SIGSTOP) holds every request for
+    MLFLOW_HTTP_REQUEST_TIMEOUT; neither the queue nor the system-metrics monitor may hold up finish()."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    mlflow_server.start()
+    client = MlflowClient(mlflow_server.uri)
+    spill = tmp_path / SPILL_FILE
+    tracker = Tracker(mlflow_server.uri, "hang", "frozen", spill_path=spill, system_metrics=True)
+    tracker.log_metrics({"loss": 0.0}, 0)
+    wait_for_steps(client, tracker.run_id, "loss", 1)
+    os.killpg(mlflow_server.process.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.5)  # the monitor is now blocked on a request too
+        for step in range(1, 11):
+            tracker.log_metrics({"loss": float(step)}, step)
+        started = time.monotonic()
+        assert tracker.finish("KILLED", timeout=2) is False
+        assert time.monotonic() - started < 3
+    finally:
+        os.killpg(mlflow_server.process.pid, signal.SIGCONT)
+    assert spilled_steps(read_spill(spill)[1], "loss") == list(range(1, 11))
+    assert main(["sync", str(tmp_path)]) == 0
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "KILLED" and steps(client, tracker.run_id, "loss") == list(range(11))
+
+
+def test_a_spill_of_another_run_is_not_mixed_in(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    spill = tmp_path / SPILL_FILE
+    tracker = Tracker(dead, "other", "a", run_id="a" * 32, spill_path=spill, system_metrics=False)
+    tracker.log_metrics({"loss": 1.0}, 0)
+    assert tracker.finish("KILLED", timeout=0.5) is False
+    assert read_spill(spill)[0]["run_id"] == "a" * 32  # the run it resumes, though not reached yet
+    with pytest.raises(ValueError, match="sync"):
+        Tracker(dead, "other", "b", run_id="b" * 32, spill_path=spill, system_metrics=False)
+    assert read_spill(spill)[0]["run_id"] == "a" * 32
