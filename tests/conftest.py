@@ -110,9 +110,11 @@ def demo_recipe(tmp_path: Path, shards: Path, **sections) -> Path:
     return path
 
 
-def corrupt_copy(shards: Path, dest: Path, split: str, label: int) -> str:
-    """Copy ``shards`` to ``dest`` and truncate, inside its tar, the JPEG of the ``split`` sample
-    of class ``label`` (the tail becomes zeros: DALI's decoder fails on it). Returns its key."""
+def corrupt_copy(shards: Path, dest: Path, split: str, label: int, how: str = "truncate") -> str:
+    """Copy ``shards`` to ``dest`` and damage, inside its tar, the JPEG of the ``split`` sample of
+    class ``label``; returns its key. ``truncate``: the tail becomes zeros (every decoder fails).
+    ``junk``: its JFIF segment is declared 3 bytes short, leaving 3 stray bytes before the next
+    marker: PIL decodes it, DALI's decoder does not."""
     shutil.copytree(shards, dest)
     for index in sorted(dest.glob(f"{split}-*.idx")):
         tar = index.with_suffix(".tar")
@@ -124,8 +126,14 @@ def corrupt_copy(shards: Path, dest: Path, split: str, label: int) -> str:
                 f.seek(offset)
                 if int(f.read(size)) == label:
                     offset, size, name = parts["jpg"]
-                    f.seek(offset + size // 3)
-                    f.write(b"\0" * (size - size // 3))
+                    if how == "truncate":
+                        f.seek(offset + size // 3)
+                        f.write(b"\0" * (size - size // 3))
+                    else:
+                        f.seek(offset + 2)
+                        assert f.read(4) == b"\xff\xe0\x00\x10"  # APP0 (JFIF), 16 bytes
+                        f.seek(offset + 4)
+                        f.write((13).to_bytes(2, "big"))
                     return name.split(".", 1)[0]
     raise AssertionError(f"no {split} sample of class {label}")
 

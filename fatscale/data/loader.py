@@ -44,13 +44,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.data.random_erasing import RandomErasing
 
 from fatscale.data.manifest import Manifest
-from fatscale.data.quarantine import (
-    QuarantinedSample,
-    parse_source_info,
-    read_member,
-    undecodable_reason,
-    write_patched_index,
-)
+from fatscale.data.quarantine import DecodeCheck, QuarantinedSample, parse_source_info, read_member, write_patched_index
 from fatscale.data.rand_augment import RandAugmentSpec, rand_augment
 
 log = logging.getLogger(__name__)
@@ -316,12 +310,13 @@ class _DaliSplit:
         probe = self._pipeline(index_paths, True, **self._pipe_kwargs(self._last_good))
         probe.build()
         known = {(q.shard, q.key) for q in self.quarantine}
+        check = DecodeCheck(self.decode, self.device.index if self.device.type == "cuda" else None)
         found = []
         for _ in range(self.cfg.prefetch + 2):  # the failed batch is at most this far ahead
             info = probe.run()[2]
             for i in range(len(info)):
                 tar, offset, key = parse_source_info(bytes(info.at(i)).rstrip(b"\0"))
-                reason = undecodable_reason(read_member(tar, offset, index_of[tar]))
+                reason = check.reason(read_member(tar, offset, index_of[tar]))
                 if reason and (Path(tar).name, key) not in known:
                     found.append(QuarantinedSample(Path(tar).name, key, reason))
                     known.add((Path(tar).name, key))

@@ -3,8 +3,9 @@
 DALI cannot skip a sample its decoder fails on: the pipeline stops with a critical error
 (github.com/NVIDIA/DALI/issues/3913). The loader then replays the batches that follow its last
 good checkpoint through the same pipeline with the decoder fed a placeholder (so nothing can
-fail), reads each sample's JPEG from its tar at the offset DALI reports, checks it with PIL, and
-quarantines the undecodable ones: a private copy
+fail), reads each sample's JPEG from its tar at the offset DALI reports, decodes it alone with the
+pipeline's own decoder (DALI's, on the pipeline's device: PIL accepts files that nvImageCodec
+rejects, and the other way round), and quarantines the undecodable ones: a private copy
 of the shard's index points the sample's slot at the bytes of a neighbouring sample (same
 shard, same components), named after the quarantined key. The sample count is unchanged, so the
 last good checkpoint still restores: training continues exactly where it was, with the neighbour
@@ -13,12 +14,12 @@ in the corrupt sample's place (train) or the slot left out (val).
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,37 @@ class QuarantinedSample:
         return asdict(self)
 
 
-def undecodable_reason(encoded: bytes) -> str | None:
-    """Why PIL cannot decode ``encoded`` to RGB pixels, or None when it can."""
-    try:
-        with Image.open(io.BytesIO(encoded)) as image:
-            image.convert("RGB").load()
-    except Exception as e:  # PIL raises many types for bad data; the reason is what matters
-        return f"{type(e).__name__}: {e}"
-    return None
+class DecodeCheck:
+    """Decodes one encoded image at a time with DALI's image decoder on ``decode`` ("cpu", or
+    "mixed": nvJPEG / the hardware decoder), as the training pipeline does."""
+
+    def __init__(self, decode: str, device_id: int | None):
+        self.decode, self.device_id = decode, device_id
+        self._pipe = None
+
+    def _build(self):
+        @pipeline_def(batch_size=1, num_threads=1, device_id=self.device_id, prefetch_queue_depth=1)
+        def decode_one():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+            return fn.decoders.image(encoded, device=self.decode, output_type=types.RGB)
+
+        pipe = decode_one()
+        pipe.build()
+        return pipe
+
+    def reason(self, encoded: bytes) -> str | None:
+        """Why the decoder fails on ``encoded``, or None when it decodes."""
+        if self._pipe is None:
+            self._pipe = self._build()
+        self._pipe.feed_input("encoded", [np.frombuffer(encoded, dtype=np.uint8)])
+        try:
+            self._pipe.run()
+        except RuntimeError as e:
+            self._pipe = None  # DALI: "Current pipeline object is no longer valid"
+            lines = str(e).splitlines()
+            detail = lines[lines.index("encountered:") + 2] if "encountered:" in lines[:-2] else lines[-1]
+            return f"DALI {self.decode} decoder: {detail}"
+        return None
 
 
 def parse_source_info(info: bytes) -> tuple[str, int, str]:
