@@ -6,12 +6,14 @@ Most tests build tiny synthetic ImageFolder trees with Pillow in tmp_path; the o
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
 import json
 import os
 import random
+import struct
 import subprocess
 import sys
 import tarfile
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from fatscale.data import shards as S
 from fatscale.data.manifest import ManifestError, load_manifest
@@ -315,6 +317,160 @@ def test_huge_images_are_downscaled_or_skipped(tmp_path, monkeypatch):
         ("train/a/huge.png", "image too large (100x80 pixels)")]
 
 
+# --- hostile bytes, and failures that are not the file's ------------------------------------
+
+HOSTILE_13 = b"\xff\xd8\xff" + b"\xff" * 10  # SOI, then fill bytes up to the end
+
+
+def flip(data: bytes, i: int, bit: int) -> bytes:
+    return data[:i] + bytes([data[i] ^ (1 << bit)]) + data[i + 1:]
+
+
+def scan_start(jpg: bytes) -> int:
+    """Offset of the entropy-coded data: just after the SOS segment."""
+    sos = jpg.index(b"\xff\xda")
+    return sos + 2 + int.from_bytes(jpg[sos + 2:sos + 4], "big")
+
+
+def test_inspect_jpeg_never_raises_and_broken_headers_never_pass():
+    good = jpeg_bytes(64, 48, seed=1)
+    assert S.inspect_jpeg(good).fast_path_blocker() is None
+    hostile = [
+        HOSTILE_13, b"\xff\xd8\xff", b"\xff\xd8\xff\xc4", b"\xff\xd8\xff\xc0\x00",
+        b"\xff\xd8" + b"\xff\xe0\x00\x00" * 3,  # zero-length segments
+        b"\xff\xd8" + b"\xff\xd0" * 50,  # bare markers up to the end
+        b"\xff\xd8\xff\xd8\xff\xd9", b"\xff\xd8\xff\x00\x00\x10" + bytes(100),
+        good[:2] + b"garbage" + good[2:],
+        good.replace(b"\xff\xda\x00\x0c", b"\xff\xda\x00\x02", 1),  # SOS without its header
+        good.replace(b"\xff\xc0\x00\x11", b"\xff\xc0\x00\x0b", 1),  # SOF shorter than its components
+    ]
+    hostile += [good[:i] for i in range(3, len(good))]  # every truncation
+    for data in hostile:
+        info = S.inspect_jpeg(data)
+        assert info is None or info.fast_path_blocker() is not None, data[:40]
+
+
+def test_bytes_that_pass_through_untouched_decode():
+    """Pass-through bytes are not decoded (without --decode-check), so the marker check must
+    refuse whatever Pillow or libjpeg would: every bit of the headers flipped, bits of the scan
+    flipped, a marker inside the scan, any marker before the headers. Flips of values
+    (quantization, pixels) still pass."""
+    good = jpeg_bytes(64, 48, seed=1, quality=90)
+    start = scan_start(good)
+    rng = random.Random(0)
+    variants = [flip(good, i, b) for i in range(start) for b in range(8)]
+    variants += [flip(good, rng.randrange(start, len(good) - 2), rng.randrange(8)) for _ in range(300)]
+    stuffed = [i for i in range(start, len(good) - 2) if good[i:i + 2] == b"\xff\x00"]
+    variants += [good[:i + 1] + bytes([m]) + good[i + 2:] for i in stuffed for m in (0xC4, 0xDB, 0xD8, 0xDA)]
+    variants += [good[:2] + bytes([0xFF, m]) + good[2:] for m in range(256)]  # any marker after SOI
+    passed = 0
+    for v in variants:
+        info = S.inspect_jpeg(v)
+        if info is not None and info.fast_path_blocker() is None:
+            passed += 1
+            with Image.open(io.BytesIO(v)) as im:
+                im.load()
+    assert passed > 300
+
+
+def test_the_13_byte_file_is_skipped_with_its_reason(tmp_path):
+    src = make_tree(tmp_path / "src", per_class=1, val_per_class=0)
+    write(src / "train" / WNIDS[0] / "x.JPEG", HOSTILE_13)
+    m = run(src, tmp_path / "out")
+    ((path, reason),) = [(k.path, k.reason) for k in m.splits["train"].skipped]
+    assert path == f"train/{WNIDS[0]}/x.JPEG"
+    assert reason.startswith("truncated JPEG") and "cannot decode" in reason
+    assert m.splits["train"].num_samples == 3
+
+
+BYTES_FAULTS = {  # what parsers and Pillow raise on bad bytes, by the name a skip reason gives
+    "IndexError": IndexError("index out of range"), "ValueError": ValueError("bad value"),
+    "struct.error": struct.error("unpack requires a buffer of 4 bytes"), "SyntaxError": SyntaxError("broken PNG file"),
+    "ZeroDivisionError": ZeroDivisionError("division by zero"),
+    "PIL.Image.DecompressionBombError": Image.DecompressionBombError("too many pixels"),
+}
+
+
+@pytest.mark.parametrize("mode", [{}, {"max_side": 20, "shard_size_mb": 1}], ids=["pass-through", "re-encode"])
+@pytest.mark.parametrize("name", BYTES_FAULTS)
+def test_any_failure_caused_by_a_files_bytes_skips_that_file(tmp_path, monkeypatch, name, mode):
+    """The per-file boundary, for failures no parser fix foresaw (also during calibration)."""
+    src = make_tree(tmp_path / "src", per_class=2, val_per_class=0)
+    bad = write(src / "train" / WNIDS[1] / "bad.JPEG", jpeg_bytes(seed=99)).read_bytes()
+    inspect = S.inspect_jpeg
+
+    def failing_inspect(data):
+        if data == bad:
+            raise BYTES_FAULTS[name]
+        return inspect(data)
+
+    monkeypatch.setattr(S, "inspect_jpeg", failing_inspect)
+    m = run(src, tmp_path / "out", **mode)
+    assert [(k.path, k.reason) for k in m.splits["train"].skipped] == [
+        (f"train/{WNIDS[1]}/bad.JPEG", f"cannot decode ({name}: {BYTES_FAULTS[name]})")]
+    assert m.splits["train"].num_samples == 6
+
+
+@pytest.mark.parametrize("fault", ["vanished", "OSError"])
+def test_a_failure_that_is_not_the_files_stops_the_run_and_a_rerun_retries_the_file(
+        tmp_path, monkeypatch, capsys, fault):
+    """Reading the file fails, or the OS fails the decoder (an errno); out of memory, for real,
+    is in test_shards_fuzz.py."""
+    src = make_tree(tmp_path / "src", per_class=2, val_per_class=0)
+    victim = write(src / "train" / WNIDS[1] / "victim.png", jpeg_bytes(77, 55, seed=5, fmt="PNG"))
+    data, rel = victim.read_bytes(), f"train/{WNIDS[1]}/victim.png"
+    if fault == "vanished":  # a real read error: the file goes away between the scan and the read
+        scan = S.scan_source
+
+        def scan_then_remove(*a, **kw):
+            found = scan(*a, **kw)
+            victim.unlink()
+            return found
+
+        monkeypatch.setattr(S, "scan_source", scan_then_remove)
+    else:
+        load = ImageFile.ImageFile.load
+
+        def failing_load(im):
+            if im.size == (77, 55):
+                raise OSError(errno.EIO, "Input/output error")
+            return load(im)
+
+        monkeypatch.setattr(ImageFile.ImageFile, "load", failing_load)
+    out = tmp_path / "out"
+    argv = ["--src", str(src), "--out", str(out), "--quiet", "--workers", "1", "--samples-per-shard", "2"]
+    with pytest.raises(SystemExit) as e:
+        S.main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("make_shards: error: "), err
+    assert str(victim) in err and "run the same command again" in err
+    assert not (out / "manifest.json").exists()
+    records = [json.loads(p.read_text()) for p in (out / S.STATE_DIR).glob("*-*.json")]
+    assert all(k["path"] != rel for r in records for k in r["skipped"])  # not recorded as done
+    monkeypatch.undo()
+    victim.write_bytes(data)
+    m = run(src, out, samples_per_shard=2)  # the resume retries it
+    assert m.splits["train"].skipped == [] and m.splits["train"].num_samples == 7
+    assert any(s["meta"]["source"] == rel.partition("/")[2] for s in read_samples(out, "train"))
+
+
+def test_file_names_that_are_not_utf8(tmp_path, capsys):
+    src = make_tree(tmp_path / "src", per_class=1, val_per_class=0)
+    d = os.fsencode(src / "train" / WNIDS[0])
+    for name, data in ((b"caf\xe9.JPEG", jpeg_bytes(seed=50)), (b"\xff.JPEG", b"not an image")):
+        with open(d + b"/" + name, "wb") as f:
+            f.write(data)
+    out = tmp_path / "out"
+    S.main(["--src", str(src), "--out", str(out), "--quiet", "--workers", "1"])
+    assert f"skipped train/{WNIDS[0]}/\\udcff.JPEG: cannot decode" in capsys.readouterr().out
+    m = load_manifest(out)
+    assert [os.fsencode(k.path) for k in m.splits["train"].skipped] == [f"train/{WNIDS[0]}/".encode() + b"\xff.JPEG"]
+    sources = [os.fsencode(s["meta"]["source"]) for s in read_samples(out, "train")]
+    assert sources.count(WNIDS[0].encode() + b"/caf\xe9.JPEG") == 1 and len(sources) == 4
+    assert S.verify_shards(out, workers=1, progress=False, log=None) == []
+
+
 def test_symlinked_trees(tmp_path):
     real = make_tree(tmp_path / "real", per_class=2, val_per_class=0)
     src = tmp_path / "src"
@@ -549,8 +705,9 @@ def test_a_dead_worker_is_reported_not_waited_for(tmp_path):
     th = threading.Thread(target=kill_child, daemon=True)
     th.start()
     t = time.monotonic()
-    with pytest.raises(S.WorkerDied, match=r"a worker process died \(exit code -9\)"):
+    with pytest.raises(S.WorkerDied, match=r"a worker process died \(exit code -9\)") as e:
         S._run_tasks(tasks, workers=2, n_todo=4, progress=False, records={})
+    assert f"while processing {fifo};" in str(e.value)  # the file it died on
     assert killed and time.monotonic() - t < 30
     # the child held shards 0 and 1; this process built the others meanwhile
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000002.tar", "train-000003.tar"]
@@ -744,6 +901,37 @@ def test_verify_catches_wrong_labels_and_counts(tmp_path):
     problems = S.verify_shards(out, workers=1, progress=False, log=None)
     assert any(f"sample {samples[0]['key']}: label" in p and "json says wnid" in p for p in problems)
     assert any(p.endswith("holds 5 samples, manifest says 6") for p in problems)
+
+
+def test_verify_reports_an_unforeseen_failure_in_one_line_and_stops_on_memory(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run(make_tree(tmp_path / "src", per_class=1, val_per_class=0), out)
+    monkeypatch.setattr(S, "inspect_jpeg", lambda data: data[len(data)])  # the issue's IndexError
+    assert S.verify_shards(out, workers=1, progress=False, log=None) == [
+        "train/train-000000.tar: cannot be checked (IndexError: index out of range)"]
+
+    def out_of_memory(data):
+        raise MemoryError
+
+    monkeypatch.setattr(S, "inspect_jpeg", out_of_memory)
+    with pytest.raises(S.RunStopped, match=r"^--verify .*train-000000\.tar: out of memory; run --verify again$"):
+        S.verify_shards(out, workers=1, progress=False, log=None)
+
+
+def _die(job):
+    os.kill(os.getpid(), 9)  # SIGKILL, as the OOM killer sends
+
+
+def test_verify_reports_a_dead_worker_in_one_line(tmp_path, monkeypatch):
+    import multiprocessing
+
+    out = tmp_path / "out"
+    run(make_tree(tmp_path / "src", per_class=1, val_per_class=0), out, samples_per_shard=1)
+    monkeypatch.setattr(S, "_mp_context", lambda: multiprocessing.get_context("fork"))  # workers see the patch:
+    monkeypatch.setattr(S, "_verify_shard", _die)  # a worker killed on its first shard
+    with pytest.raises(S.RunStopped, match=r"^a --verify worker process died \(killed, out of memory...\); "
+                                           r"run --verify again$"):
+        S.verify_shards(out, workers=2, progress=False, log=None)
 
 
 # --- CLI shell and real ImageNet files -------------------------------------------------------

@@ -28,8 +28,14 @@ Design (README, "Making shards" has the user's view):
   interleaved scan, an EOI after it) without decoding it; everything else (progressive,
   grayscale, CMYK, PNG named .JPEG, truncated, ...) goes through Pillow and is re-encoded to
   baseline RGB JPEG at quality 95, or skipped with the reason when Pillow cannot decode it.
+  The parser is bounds-checked and refuses what libjpeg or Pillow would (bad tables, lengths,
+  sampling factors, a marker inside the scan), so bytes it passes decode.
   An EXIF orientation tag is reset to 1 in place (DALI would apply it, Pillow and torchvision
   do not). ``--decode-check`` also fully decodes pass-through JPEGs; ``--verify`` always does.
+* Whose fault a failure is decides what happens (``load_sample``): any exception the file's
+  bytes cause is a skipped-file record with the reason, and the run goes on; one that is not
+  theirs (reading the file, memory, a killed worker) stops the run with ``RunStopped``, one
+  line naming the file, before the shard's commit record is written, so a re-run retries it.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import io
 import json
 import math
 import multiprocessing as mp
+import operator
 import os
 import queue
 import random
@@ -57,9 +64,11 @@ import time
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
+
 
 from fatscale.data.manifest import (
     FORMAT,
@@ -76,7 +85,7 @@ from fatscale.data.manifest import (
 
 PROG = "make_shards"
 STATE_DIR = ".make_shards"  # per-shard commit records + the parameters, inside SHARD_DIR
-PLAN_VERSION = 1  # bump when the byte layout of a shard changes
+PLAN_VERSION = 2  # bump when the bytes of a shard change (2: stricter pass-through check)
 
 # torchvision's IMG_EXTENSIONS, compared case-insensitively
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -95,10 +104,43 @@ class MakeShardsError(Exception):
     """Bad input or arguments; the message is one line naming the file/key/value at fault."""
 
 
+RESUME = "run the same command again to resume"
+
+
+class RunStopped(RuntimeError):
+    """A failure that is not the input's fault (memory, the file system, a killed worker): the run
+    stops with a one-line message naming the file, and nothing is recorded for that file, so a
+    re-run resumes and retries it."""
+
+
 def _q(x: Any) -> str:
-    """A path or value for a one-line message (control characters escaped)."""
+    """A path or value for a one-line message (control characters and undecodable bytes escaped)."""
     s = str(x)
-    return s.encode("unicode_escape").decode("ascii") if any(c < " " for c in s) else s
+    return s if s.isprintable() else s.encode("unicode_escape").decode("ascii")
+
+
+def _msg(e: BaseException) -> str:
+    """An exception's message on one line."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _name(e: BaseException) -> str:
+    """An exception's type, with its module unless a builtin ("struct.error", not "error")."""
+    t = type(e)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _caused_by_bytes(e: BaseException) -> bool:
+    """Whether an exception raised while parsing or decoding bytes in memory is their fault: any
+    Exception but running out of memory and OS errors (those carry an errno; Pillow's format
+    errors, OSErrors as well, do not)."""
+    return (isinstance(e, Exception) and not isinstance(e, MemoryError)
+            and not (isinstance(e, OSError) and e.errno is not None))
+
+
+def _failure(e: BaseException) -> str:
+    """What went wrong, for the one-line message of a failure that is not the input's."""
+    return "out of memory" if isinstance(e, MemoryError) else f"{_name(e)}: {_msg(e)}"
 
 
 # --- source scanning -------------------------------------------------------------------------
@@ -393,6 +435,14 @@ def scan_source(src: str | os.PathLike, splits: list[str] | None = None,
 # --- JPEG inspection -------------------------------------------------------------------------
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_SEQUENTIAL = {0xC0, 0xC1}  # Huffman-coded sequential DCT: the frames whose bytes may pass through
+# the header segments walked; any other marker there (DAC, DNL, reserved ones) sends the file to Pillow
+_SEGMENTS = _SOF | {0xC4, 0xDA, 0xDB, 0xDD, 0xFE} | set(range(0xE0, 0xF0))
+MAX_JPEG_SIDE = 65500  # libjpeg's JPEG_MAX_DIMENSION
+_CODE_SPACE = [1 << (16 - bits) for bits in range(1, 17)]  # of a Huffman code of 1..16 bits, in 2**-16
+# An FF inside entropy-coded data is followed by 00 (a stuffed FF) or a restart marker; any other
+# FF xx is a marker that ends the scan (a regex: C speed, ~30 us per 110 kB ImageNet file)
+_SCAN_STOP = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 
 
 @dataclass
@@ -477,50 +527,71 @@ def _exif_orientation(data: bytes, start: int, end: int, info: JpegInfo) -> None
             return
 
 
+class _Corrupt(Exception):
+    """A problem inspect_jpeg found; the message becomes ``JpegInfo.problem``."""
+
+
 def inspect_jpeg(data: bytes) -> JpegInfo | None:
-    """Parse the marker structure of JPEG bytes (None: not a JPEG). Decodes nothing."""
+    """Parse the marker structure of JPEG bytes (None: not a JPEG). Decodes nothing.
+
+    Every read is bounds-checked, so any bytes get an answer. ``problem`` is set for broken
+    structure and for what libjpeg (Pillow's and DALI's decoder) or Pillow's parser would refuse:
+    bad segment lengths, tables, sampling factors, sizes, unknown markers, a marker inside the
+    scan. Bytes with no blocker pass through undecoded, so this is what makes them decodable.
+    """
     if data[:3] != b"\xff\xd8\xff":
         return None
     info = JpegInfo()
+    try:
+        _parse_markers(data, info)
+    except _Corrupt as e:
+        info.problem = str(e)
+    return info
+
+
+def _parse_markers(data: bytes, info: JpegInfo) -> None:
     n = len(data)
+    truncated = "truncated JPEG (ends inside its headers)"
+    frame: dict[int, tuple[int, int, int]] = {}  # component id -> (h, v, quantization table)
+    huffman: set[tuple[int, int]] = set()  # (class, id) of the Huffman tables defined
+    quant: set[int] = set()
     pos = 2
     while True:
-        if pos + 4 > n:
-            info.problem = "truncated JPEG (ends inside its headers)"
-            return info
+        if pos >= n:
+            raise _Corrupt(truncated)
         if data[pos] != 0xFF:
-            info.problem = f"corrupt JPEG (no marker at byte {pos})"
-            return info
+            raise _Corrupt(f"corrupt JPEG (no marker at byte {pos})")
         while pos + 1 < n and data[pos + 1] == 0xFF:  # fill bytes
             pos += 1
+        if pos + 1 >= n:
+            raise _Corrupt(truncated)
         marker = data[pos + 1]
         pos += 2
         if marker == 0xD9 or marker == 0xD8:
-            info.problem = "corrupt JPEG (image data missing)"
-            return info
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            raise _Corrupt("corrupt JPEG (image data missing)")
+        if 0xD0 <= marker <= 0xD7:  # a stray restart marker: no length, no body (TEM, 01, Pillow refuses)
             continue
+        if marker not in _SEGMENTS:
+            raise _Corrupt(f"corrupt JPEG (unexpected marker 0x{marker:02X})")
+        if pos + 2 > n:
+            raise _Corrupt(truncated)
         seglen = int.from_bytes(data[pos:pos + 2], "big")
+        if seglen < 2:
+            raise _Corrupt("corrupt JPEG (segment length below 2)")
         end = pos + seglen
-        if seglen < 2 or end > n:
-            info.problem = "truncated JPEG (ends inside its headers)"
-            return info
+        if end > n:
+            raise _Corrupt(truncated)
         body = pos + 2
         if marker in _SOF:
-            if seglen < 8:
-                info.problem = "corrupt JPEG (short frame header)"
-                return info
-            info.sof = marker
-            info.precision = data[body]
-            info.height = int.from_bytes(data[body + 1:body + 3], "big")
-            info.width = int.from_bytes(data[body + 3:body + 5], "big")
-            info.components = data[body + 5]
-            info.component_ids = tuple(data[body + 6 + 3 * i] for i in range(info.components)
-                                       if body + 6 + 3 * i < end)
+            _parse_frame(data, body, end, marker, info, frame)
         elif marker == 0xC4:
+            _parse_huffman_tables(data, body, end, huffman)
             info.has_dht = True
         elif marker == 0xDB:
+            _parse_quant_tables(data, body, end, quant)
             info.has_dqt = True
+        elif marker == 0xDD and seglen != 4:
+            raise _Corrupt("corrupt JPEG (bad restart interval segment)")
         elif marker == 0xE0 and data[body:body + 5] == b"JFIF\x00":
             info.jfif = True
         elif marker == 0xEE and data[body:body + 5] == b"Adobe" and seglen >= 14:
@@ -528,20 +599,93 @@ def inspect_jpeg(data: bytes) -> JpegInfo | None:
         elif marker == 0xE1 and data[body:body + 6] == b"Exif\x00\x00" and info.orientation is None:
             _exif_orientation(data, body, end, info)
         elif marker == 0xDA:
-            if info.sof == 0:
-                info.problem = "corrupt JPEG (scan before frame header)"
-                return info
-            info.scan_components = data[body] if body < n else 0
-            # Entropy-coded data never holds FF D9 (an FF there is followed by 00 or RSTn), so
-            # a truncated scan is one without FF D9 after it. Searching from the end is ~10x
-            # cheaper than walking the scan's markers; a second scan (progressive or
-            # non-interleaved) is told by the frame and scan headers above instead.
-            if data.rfind(b"\xff\xd9", end) < 0:
-                info.problem = "truncated JPEG (no end-of-image marker)"
-                return info
-            info.ends_with_eoi = True
-            return info
+            _parse_scan(data, body, end, info, frame, huffman, quant)
+            return
         pos = end
+
+
+def _parse_frame(data: bytes, body: int, end: int, marker: int, info: JpegInfo, frame: dict) -> None:
+    if info.sof:
+        raise _Corrupt("corrupt JPEG (several frame headers)")
+    nf = data[body + 5] if body + 6 <= end else 0
+    if nf == 0 or end - body != 6 + 3 * nf:
+        raise _Corrupt("corrupt JPEG (frame header length does not match its components)")
+    info.sof, info.precision, info.components = marker, data[body], nf
+    info.height = int.from_bytes(data[body + 1:body + 3], "big")
+    info.width = int.from_bytes(data[body + 3:body + 5], "big")
+    comps = [data[c:c + 3] for c in range(body + 6, end, 3)]
+    info.component_ids = tuple(c[0] for c in comps)
+    if len(set(info.component_ids)) != nf:
+        raise _Corrupt("corrupt JPEG (duplicate component ids)")
+    hs, vs = [c[1] >> 4 for c in comps], [c[1] & 15 for c in comps]
+    # libjpeg: factors 1..4, and each must divide the largest ("fractional sampling not implemented")
+    if not all(1 <= f <= 4 for f in hs + vs) or any(max(hs) % h or max(vs) % v for h, v in zip(hs, vs)):
+        raise _Corrupt("corrupt JPEG (bad sampling factors)")
+    if any(c[2] > 3 for c in comps):
+        raise _Corrupt("corrupt JPEG (bad quantization table number)")
+    if max(info.width, info.height) > MAX_JPEG_SIDE:
+        raise _Corrupt(f"JPEG over {MAX_JPEG_SIDE} pixels on a side ({info.width}x{info.height})")
+    frame.update((c[0], (c[1] >> 4, c[1] & 15, c[2])) for c in comps)
+
+
+def _parse_huffman_tables(data: bytes, body: int, end: int, huffman: set) -> None:
+    p = body
+    while p < end:
+        cls, tid, counts = data[p] >> 4, data[p] & 15, data[p + 1:p + 17]
+        values = data[p + 17:p + 17 + sum(counts)]
+        p += 17 + sum(counts)
+        # libjpeg's checks: the codes fit their lengths with the all-ones code unused (Kraft's
+        # sum below 1), and DC values are bit counts (<= 15)
+        kraft = sum(map(operator.mul, counts, _CODE_SPACE))
+        if p > end or cls > 1 or tid > 3 or kraft >= 1 << 16 or (cls == 0 and max(values, default=0) > 15):
+            raise _Corrupt("corrupt JPEG (bad Huffman table)")
+        huffman.add((cls, tid))
+
+
+def _parse_quant_tables(data: bytes, body: int, end: int, quant: set) -> None:
+    p = body
+    while p < end:
+        precision, tid = data[p] >> 4, data[p] & 15
+        p += 1 + 64 * (precision + 1)
+        if p > end or precision > 1 or tid > 3:
+            raise _Corrupt("corrupt JPEG (bad quantization table)")
+        quant.add(tid)
+
+
+def _parse_scan(data: bytes, body: int, end: int, info: JpegInfo, frame: dict, huffman: set,
+                quant: set) -> None:
+    if not info.sof:
+        raise _Corrupt("corrupt JPEG (scan before frame header)")
+    ns = data[body] if body < end else 0
+    if not 1 <= ns <= 4 or end - body != 4 + 2 * ns:
+        raise _Corrupt("corrupt JPEG (bad scan header)")
+    ids, tables = data[body + 1:end - 3:2], data[body + 2:end - 3:2]
+    if len(set(ids)) != ns or not set(ids) <= set(frame):
+        raise _Corrupt("corrupt JPEG (scan of components the frame does not have)")
+    info.scan_components = ns
+    if info.sof not in _SEQUENTIAL:  # decoded by Pillow in any case: only whether it is complete
+        if data.rfind(b"\xff\xd9", end) < 0:
+            raise _Corrupt("truncated JPEG (no end-of-image marker)")
+        info.ends_with_eoi = True
+        return
+    if tuple(data[end - 3:end]) != (0, 63, 0):
+        raise _Corrupt("corrupt JPEG (progressive parameters in a sequential scan)")
+    if not all((0, t >> 4) in huffman and (1, t & 15) in huffman for t in tables):
+        raise _Corrupt("corrupt JPEG (scan uses an undefined Huffman table)")
+    if not all(frame[c][2] in quant for c in ids):
+        raise _Corrupt("corrupt JPEG (scan uses an undefined quantization table)")
+    if ns > 1 and sum(frame[c][0] * frame[c][1] for c in ids) > 10:  # libjpeg's D_MAX_BLOCKS_IN_MCU
+        raise _Corrupt("corrupt JPEG (bad sampling factors)")
+    # The entropy-coded data holds FF only as FF 00 or a restart marker: the first other marker
+    # ends the scan, and it must be the EOI. A marker inside the data (a bit flip, a splice) or a
+    # second scan makes libjpeg stop there and parse what follows; such files go to Pillow.
+    stop = _SCAN_STOP.search(data, end)
+    if stop is None:
+        raise _Corrupt("truncated JPEG (no end-of-image marker)")
+    j = stop.start()
+    while j + 2 < len(data) and data[j + 1] == 0xFF:  # fill bytes before the marker
+        j += 1
+    info.ends_with_eoi = data[j + 1] == 0xD9
 
 
 # --- per-image processing --------------------------------------------------------------------
@@ -611,9 +755,10 @@ def _decode_reencode(data: bytes, opts: EncodeOptions, reason: str | None) -> tu
         raise
     except Image.UnidentifiedImageError:  # its message holds an object address: not reproducible
         raise SkipSample(f"{reason + ': ' if reason else ''}cannot decode (not an image format Pillow knows)") from None
-    except Exception as e:  # noqa: BLE001 - whatever Pillow raises, the file is undecodable
-        msg = " ".join(str(e).split()) or type(e).__name__
-        raise SkipSample(f"{reason + ': ' if reason else ''}cannot decode ({msg})") from None
+    except Exception as e:  # noqa: BLE001 - whatever Pillow raises on these bytes, they are undecodable
+        if not _caused_by_bytes(e):
+            raise
+        raise SkipSample(f"{reason + ': ' if reason else ''}cannot decode ({_msg(e)})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old
 
@@ -652,7 +797,33 @@ def _decode_check(data: bytes) -> None:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
     except Exception as e:  # noqa: BLE001
-        raise SkipSample(f"cannot decode ({' '.join(str(e).split())})") from None
+        if not _caused_by_bytes(e):
+            raise
+        raise SkipSample(f"cannot decode ({_msg(e)})") from None
+
+
+def load_sample(path: str, opts: EncodeOptions) -> tuple[bytes, bytes, int, int, list[str]]:
+    """Read a source file and process it: (its bytes, then what ``process_image`` returns).
+
+    The per-file boundary. Whatever the file's bytes make fail raises SkipSample with the reason:
+    the file is listed as skipped and the run goes on. What is not their fault (reading the file,
+    memory) raises RunStopped naming the file: nothing is recorded for it, so a re-run retries it.
+    """
+    try:
+        with open(path, "rb", buffering=0) as f:
+            data = f.read()
+    except OSError as e:
+        raise RunStopped(f"cannot read {_q(path)}: {e.strerror or _msg(e)}; {RESUME}") from e
+    except MemoryError as e:
+        raise RunStopped(f"{_q(path)}: out of memory reading it; {RESUME}") from e
+    try:
+        return (data, *process_image(data, opts))
+    except SkipSample:
+        raise
+    except Exception as e:  # noqa: BLE001 - sorted by whose fault it is
+        if _caused_by_bytes(e):
+            raise SkipSample(f"cannot decode ({_name(e)}: {_msg(e)})") from None
+        raise RunStopped(f"{_q(path)}: {_failure(e)} while processing it; {RESUME}") from e
 
 
 # --- tar + index writing ---------------------------------------------------------------------
@@ -861,12 +1032,27 @@ def cut_shards(sizes: list[int], max_bytes: int | None, max_count: int | None) -
 # --- the shard worker ------------------------------------------------------------------------
 
 _progress_queue = None
+_current_file = None  # in a worker: shared memory naming the file it is on, read by the parent
 
 
-def _init_worker(queue) -> None:
-    global _progress_queue
-    _progress_queue = queue
+def _init_worker(queue, current_file) -> None:
+    global _progress_queue, _current_file
+    _progress_queue, _current_file = queue, current_file
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+
+
+def _note_current(path: str) -> None:
+    """Name the file this worker is on: a worker that gets killed is reported with it."""
+    if _current_file is not None:
+        _current_file.value = os.fsencode(path)[:len(_current_file) - 1]
+
+
+def _sample_json(meta: dict) -> bytes:
+    text = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a file name that is not UTF-8: JSON's \udcXX escapes keep its bytes
+        return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _tmp_name(final: Path) -> Path:
@@ -877,9 +1063,18 @@ _TMP_RE = re.compile(r"^\.(?:.+-\d{6}\.(?:tar|idx)|.+\.json)\.\d+\.tmp$")
 
 
 def build_shard(task: ShardTask, report: Callable[[int, int], None] | None = None) -> dict:
-    """Write one shard (tar + idx, atomically) and its commit record; return the record."""
-    if report is None:
-        report = _queue_report
+    """Write one shard (tar + idx, atomically) and its commit record; return the record.
+
+    Source files go through load_sample's boundary. Failing to write the output (disk full,
+    quota) is no file's fault either: RunStopped, and the shard is redone by a re-run.
+    """
+    try:
+        return _build_shard(task, report or _queue_report)
+    except OSError as e:
+        raise RunStopped(f"cannot write {task.name} in {_q(task.out_dir)}: {e.strerror or _msg(e)}; {RESUME}") from e
+
+
+def _build_shard(task: ShardTask, report: Callable[[int, int], None]) -> dict:
     out = Path(task.out_dir)
     tar_path, idx_path = out / f"{task.name}.tar", out / f"{task.name}.idx"
     tmp_tar, tmp_idx = _tmp_name(tar_path), _tmp_name(idx_path)
@@ -889,22 +1084,16 @@ def build_shard(task: ShardTask, report: Callable[[int, int], None] | None = Non
     w = ShardWriter(tmp_tar)
     try:
         for s in task.samples:
-            data, jpg = b"", None
+            _note_current(s.path)
             try:
-                with open(s.path, "rb", buffering=0) as src:
-                    data = src.read()
-                jpg, width, height, what = process_image(data, task.opts)
+                data, jpg, width, height, what = load_sample(s.path, task.opts)
             except SkipSample as e:
                 skipped.append({"path": f"{task.split}/{s.rel}", "reason": str(e)})
-            except OSError as e:
-                skipped.append({"path": f"{task.split}/{s.rel}", "reason": f"cannot read: {e.strerror or e}"})
-            if jpg is not None:
+            else:
                 meta = {"wnid": task.classes_of[s.label], "source": s.rel, "width": width,
                         "height": height, "changes": what}
                 changes.update(what)
-                w.write_sample(s.key, b"%d" % s.label, jpg,
-                               json.dumps(meta, sort_keys=True, separators=(",", ":"),
-                                          ensure_ascii=False).encode())
+                w.write_sample(s.key, b"%d" % s.label, jpg, _sample_json(meta))
                 pending_b += len(data)
             pending_n += 1
             now = time.monotonic()
@@ -912,6 +1101,7 @@ def build_shard(task: ShardTask, report: Callable[[int, int], None] | None = Non
                 report(pending_n, pending_b)
                 pending_n = pending_b = 0
                 last = now
+        _note_current("")
         n = len(w.index_lines)
         w.finish(fsync=task.opts.fsync and n > 0)
         record = {"name": task.name, "digest": task.digest, "num_samples": n,
@@ -1042,10 +1232,8 @@ def _calibrate(split: SplitSource, opts: EncodeOptions) -> float:
     for i in range(k):
         f = files[i * len(files) // k]
         try:
-            with open(f.path, "rb") as fh:
-                jpg = process_image(fh.read(), opts)[0]
-            sizes.append(sample_tar_bytes(len(jpg)))
-        except (SkipSample, OSError):
+            sizes.append(sample_tar_bytes(len(load_sample(f.path, opts)[1])))
+        except SkipSample:
             continue
     if not sizes:
         return sum(sample_tar_bytes(f.size) for f in files) / len(files)
@@ -1224,13 +1412,13 @@ def _mp_context():
     return ctx
 
 
-class WorkerDied(RuntimeError):
+class WorkerDied(RunStopped):
     """A worker process ended without reporting (killed, out of memory...)."""
 
 
-def _child_main(task_q, result_q, progress_q) -> None:
+def _child_main(task_q, result_q, progress_q, current_file) -> None:
     """A worker process: build the shards it is handed until it gets None."""
-    _init_worker(progress_q)
+    _init_worker(progress_q, current_file)
     while True:
         task = task_q.get()
         if task is None:
@@ -1292,8 +1480,9 @@ def _run_tasks(todo: list[ShardTask], workers: int, n_todo: int, progress: bool,
 
         th = threading.Thread(target=drain, daemon=True)
         th.start()
-        children = [ctx.Process(target=_child_main, args=(task_q, result_q, progress_q), daemon=True)
-                    for _ in range(n_children)]
+        current_files = [ctx.RawArray("c", 4096) for _ in range(n_children)]
+        children = [ctx.Process(target=_child_main, args=(task_q, result_q, progress_q, cur), daemon=True)
+                    for cur in current_files]
         for c in children:
             c.start()
         pending = collections.deque(todo)
@@ -1311,10 +1500,11 @@ def _run_tasks(todo: list[ShardTask], workers: int, n_todo: int, progress: bool,
             try:
                 good, r = result_q.get(timeout=1.0) if block else result_q.get_nowait()
             except queue.Empty:
-                dead = [c for c in children if c.exitcode is not None]
+                dead = [(c, cur) for c, cur in zip(children, current_files) if c.exitcode is not None]
                 if block and dead:
-                    raise WorkerDied(f"a worker process died (exit code {dead[0].exitcode}); "
-                                     f"run the same command again to resume") from None
+                    c, cur = dead[0]
+                    on = f" while processing {_q(os.fsdecode(cur.value))}" if cur.value else ""
+                    raise WorkerDied(f"a worker process died (exit code {c.exitcode}){on}; {RESUME}") from None
                 return False
             outstanding -= 1
             if not good:
@@ -1361,10 +1551,10 @@ def _summary(m: Manifest, out: Path, seconds: float, kept: int, written: int, n_
             f"{len(s.skipped)} skipped, changed: {ch}")
         if source.splits[name].empty_classes:
             e = source.splits[name].empty_classes
-            log(f"  {name}: warning: {len(e)} class folder(s) without images, e.g. {e[0]}")
+            log(f"  {name}: warning: {len(e)} class folder(s) without images, e.g. {_q(e[0])}")
     skipped = [(n, k) for n, s in m.splits.items() for k in s.skipped]
     for _, k in skipped[:20]:
-        log(f"  skipped {k.path}: {k.reason}")
+        log(f"  skipped {_q(k.path)}: {_q(k.reason)}")
     if len(skipped) > 20:
         log(f"  ... and {len(skipped) - 20} more skipped (see {MANIFEST_NAME})")
     log(f"  manifest: {out / MANIFEST_NAME}")
@@ -1373,66 +1563,127 @@ def _summary(m: Manifest, out: Path, seconds: float, kept: int, written: int, n_
 # --- verify ----------------------------------------------------------------------------------
 
 
-def _verify_shard(job: tuple[str, str, ShardInfo, list[str]]) -> tuple[list[str], list[str]]:
-    """Check one shard against its manifest entry; return (problems, keys)."""
-    from PIL import Image
+_MEMBER_KEY = re.compile(r"[0-9]{8,}_[A-Za-z0-9_-]{0,%d}" % KEY_STEM_CHARS)  # what _key makes
+_MEMBER_TYPES = {tarfile.DIRTYPE: "a directory", tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link",
+                 tarfile.FIFOTYPE: "a FIFO", tarfile.CHRTYPE: "a character device",
+                 tarfile.BLKTYPE: "a block device"}
 
+
+def _member(name: str) -> str:
+    """A tar member name for a one-line message: escaped, an absurdly long one cut."""
+    return _q(name if len(name) <= 80 else name[:80] + "...")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify_shard(job: tuple[str, str, ShardInfo, list[str]]) -> tuple[list[str], list[str]]:
+    """Check one shard against its manifest entry; return (problems, keys).
+
+    Whatever the shard holds, each problem is one line naming the shard and the member or sample;
+    only a failure that is not the shard's (memory, ...) raises, as RunStopped.
+    """
     root, split, sh, classes = job
     problems: list[str] = []
     keys: list[str] = []
-    tar = Path(root, sh.path)
-    p = lambda msg: problems.append(f"{split}/{sh.path}: {msg}")  # noqa: E731
+    p = lambda msg: problems.append(f"{split}/{_q(sh.path)}: {msg}")  # noqa: E731
     try:
-        size = tar.stat().st_size
+        _check_shard(Path(root), sh, classes, p, keys)
+    except Exception as e:  # noqa: BLE001 - the boundary: bytes no check above foresaw
+        if not _caused_by_bytes(e):
+            raise RunStopped(f"--verify {_q(Path(root, sh.path))}: {_failure(e)}; run --verify again") from e
+        p(f"cannot be checked ({_name(e)}: {_msg(e)})")
+    return problems, keys
+
+
+def _check_shard(root: Path, sh: ShardInfo, classes: list[str], p: Callable[[str], None], keys: list[str]) -> None:
+    from PIL import Image
+
+    tar = root / sh.path
+    try:
+        st = tar.stat()
     except OSError:
         p("missing")
-        return problems, keys
-    if size != sh.bytes:
-        p(f"size is {size} bytes, manifest says {sh.bytes}")
-    h = hashlib.sha256()
-    with open(tar, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    if h.hexdigest() != sh.sha256:
-        p(f"sha256 is {h.hexdigest()}, manifest says {sh.sha256}")
+        return
+    if not stat.S_ISREG(st.st_mode):
+        p("not a regular file")
+        return
+    if st.st_size != sh.bytes:
+        p(f"size is {st.st_size} bytes, manifest says {sh.bytes}")
     try:
-        idx = Path(root, sh.index).read_text()
-        if idx != index_from_tar(tar):
-            p(f"index {sh.index} does not match the tar")
-    except OSError:
-        p(f"index {sh.index} missing")
+        digest = _sha256_file(tar)
+    except OSError as e:
+        p(f"cannot read: {e.strerror or _msg(e)}")
+        return
+    if digest != sh.sha256:
+        p(f"sha256 is {digest}, manifest says {sh.sha256}")
+    try:
+        index = index_from_tar(tar)
     except tarfile.TarError as e:
-        p(f"not a readable tar ({e})")
-        return problems, keys
+        p(f"not a readable tar ({_msg(e)})")
+        return
+    idx = root / sh.index
+    try:
+        if not stat.S_ISREG(idx.stat().st_mode):  # a FIFO would block the read for ever
+            p(f"index {_q(sh.index)} is not a regular file")
+        elif idx.read_bytes() != index.encode("utf-8", "surrogateescape"):
+            p(f"index {_q(sh.index)} does not match the tar")
+    except FileNotFoundError:
+        p(f"index {_q(sh.index)} missing")
+    except OSError as e:
+        p(f"index {_q(sh.index)} cannot be read: {e.strerror or _msg(e)}")
     samples: dict[str, dict[str, bytes]] = {}
+    last = None
     try:
         with tarfile.open(tar, "r:") as tf:
             for m in tf:
-                base, _, ext = m.name.partition(".")
-                samples.setdefault(base, {})[ext] = tf.extractfile(m).read()
-    except (tarfile.TarError, OSError) as e:
-        p(f"not a readable tar ({e})")
-        return problems, keys
+                if not m.isreg():  # extractfile would give None, or follow the link
+                    p(f"member {_member(m.name)} is {_MEMBER_TYPES.get(m.type, f'of type {m.type!r}')}, "
+                      f"not a regular file")
+                    continue
+                key, _, ext = m.name.partition(".")
+                if not _MEMBER_KEY.fullmatch(key) or ext not in ("cls", "jpg", "json"):
+                    p(f"member {_member(m.name)} is not named <key>.cls/.jpg/.json")
+                    continue
+                if key != last and key in samples:  # readers group adjacent members into samples
+                    p(f"sample {key}: its members are not adjacent")
+                elif ext in samples.get(key, {}):
+                    p(f"member {m.name} appears twice")
+                last = key
+                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    except OSError as e:
+        p(f"cannot read: {e.strerror or _msg(e)}")
+        return
+    except tarfile.TarError as e:
+        p(f"not a readable tar ({_msg(e)})")
+        return
     for key, parts in samples.items():
         keys.append(key)
         if set(parts) != {"cls", "jpg", "json"}:
             p(f"sample {key} has {sorted(parts)}, expected cls, jpg, json")
             continue
-        try:
-            label = int(parts["cls"].decode("ascii"))
-        except ValueError:
+        if not parts["cls"].isdigit():
             p(f"sample {key}: cls {parts['cls'][:20]!r} is not an integer")
             continue
-        if not 0 <= label < len(classes):
+        label = int(parts["cls"])
+        if label >= len(classes):
             p(f"sample {key}: label {label} out of range 0..{len(classes) - 1}")
             continue
         try:
             meta = json.loads(parts["json"])
-        except ValueError:
+        except (ValueError, RecursionError):
             p(f"sample {key}: json does not parse")
             continue
+        if not isinstance(meta, dict):
+            p(f"sample {key}: json is not an object")
+            continue
         if meta.get("wnid") != classes[label]:
-            p(f"sample {key}: label {label} is {classes[label]} but json says wnid {meta.get('wnid')}")
+            p(f"sample {key}: label {label} is {_q(classes[label])} but json says wnid {_q(meta.get('wnid'))}")
         info = inspect_jpeg(parts["jpg"])
         if info is None or info.fast_path_blocker() is not None:
             p(f"sample {key}: jpg is not a baseline RGB JPEG ({'not a JPEG' if info is None else info.fast_path_blocker()})")
@@ -1443,10 +1694,11 @@ def _verify_shard(job: tuple[str, str, ShardInfo, list[str]]) -> tuple[list[str]
                 if im.mode != "RGB":
                     p(f"sample {key}: decodes to mode {im.mode}, not RGB")
         except Exception as e:  # noqa: BLE001
-            p(f"sample {key}: jpg does not decode ({' '.join(str(e).split())})")
+            if not _caused_by_bytes(e):
+                raise
+            p(f"sample {key}: jpg does not decode ({_msg(e)})")
     if len(samples) != sh.num_samples:
         p(f"holds {len(samples)} samples, manifest says {sh.num_samples}")
-    return problems, keys
 
 
 def verify_shards(shard_dir, workers: int | None = None, progress: bool = True, log=print) -> list[str]:
@@ -1465,7 +1717,7 @@ def verify_shards(shard_dir, workers: int | None = None, progress: bool = True, 
     listed = {sh.path for _, _, sh, _ in jobs} | {sh.index for _, _, sh, _ in jobs}
     for p in sorted(root.iterdir()):
         if p.suffix in (".tar", ".idx") and p.name not in listed:
-            problems.append(f"{p.name}: not listed in {MANIFEST_NAME}")
+            problems.append(f"{_q(p.name)}: not listed in {MANIFEST_NAME}")
     workers = min(workers or default_workers(), max(1, len(jobs)))
     keys_by_split: dict[str, list[str]] = {}
     bar = tqdm(total=len(jobs), unit="shard", desc=f"{PROG} --verify", disable=not progress)
@@ -1477,6 +1729,8 @@ def verify_shards(shard_dir, workers: int | None = None, progress: bool = True, 
             problems.extend(probs)
             keys_by_split.setdefault(job[1], []).extend(keys)
             bar.update(1)
+    except BrokenProcessPool:
+        raise RunStopped("a --verify worker process died (killed, out of memory...); run --verify again") from None
     finally:
         bar.close()
         if pool is not None:
@@ -1548,7 +1802,7 @@ def main(argv: list[str] | None = None) -> None:
     except MakeShardsError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except WorkerDied as e:
+    except RunStopped as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
