@@ -156,3 +156,17 @@ def test_recipes_that_cannot_train_on_these_shards_fail_at_load(tmp_path, demo_s
     with pytest.raises(RecipeError, match="train.grad_accum 2 on each of 7 ranks"):
         check_world(load_recipe(path, ["train.batch_per_device=64", "train.grad_accum=2"]), manifest, 7, str(path))
 
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\xff\xfe{}", "not UTF-8 text (byte 0)"),
+    (b"[" * 100_000, "not a manifest (nested too deeply)"),
+    (b'{"format": "fatscale-shards/1"', "not valid JSON"),
+])
+def test_a_broken_manifest_is_one_line_naming_it(tmp_path, content, message):
+    (tmp_path / "manifest.json").write_bytes(content)
+    recipe = minimal(tmp_path)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, recipe))
+    assert str(error.value).startswith(f"{tmp_path / 'r.yaml'}: data.shards: {tmp_path / 'manifest.json'}: ")
+    assert message in str(error.value) and "\n" not in str(error.value)

@@ -174,10 +174,14 @@ def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
         raise ManifestError(f"{path}: no such manifest (make the shards first)") from None
     except OSError as e:
         raise ManifestError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: not a manifest (nested too deeply)") from None
     return _parse(d, str(path))
 
 
