@@ -598,6 +598,8 @@ def test_out_dir_made_with_other_arguments_is_refused(tmp_path, capsys):
     assert "is inside the source split" in cli_error(["--src", str(src), "--out", str(src / "train" / "x")], capsys)
     write(tmp_path / "file_out", b"x")
     assert "exists and is not a directory" in cli_error(["--src", str(src), "--out", str(tmp_path / "file_out")], capsys)
+    err = cli_error(["--src", str(src), "--out", str(tmp_path / "file_out" / "x")], capsys)
+    assert f"--out {tmp_path / 'file_out' / 'x'}: cannot create it (Not a directory: " in err
 
 
 def test_a_second_run_on_the_same_out_is_refused_while_one_runs(tmp_path, capsys):

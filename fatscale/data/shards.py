@@ -1328,7 +1328,10 @@ def make_shards(src, out, *, splits: list[str] | None = None, val_labels=None, s
     params = _params(source, dict(seed=seed, shard_size_mb=shard_size_mb, samples_per_shard=samples_per_shard,
                                   max_side=max_side, quality=quality, decode_check=decode_check))
     _check_out_dir(out, params)
-    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    try:
+        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MakeShardsError(f"--out {_q(out)}: cannot create it ({e.strerror}: {_q(e.filename)})") from None
     with _locked(out):
         return _make_shards_locked(source, out, params, workers, fsync, progress, log, t0)
 
