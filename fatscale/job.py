@@ -41,8 +41,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
         # torch is imported already (unpickling this job imports fatscale), too late for
-        # OMP_NUM_THREADS: one thread per CPU Slurm gave this task, not one per core of the node.
-        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
+        # OMP_NUM_THREADS: one thread per CPU this task may run on, not one per core of the node.
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
         from fatscale.config import resolve
         from fatscale.train import Interrupted, setup_logging, train
 

@@ -128,6 +128,10 @@ def sbatch_parameters(recipe: Recipe) -> dict:
         cpus_per_task=s.cpus_per_task,
         time=slurm_minutes(s.time),
         additional_parameters={"requeue": True},
+        # Slurm 22.05-23.02's srun does not inherit sbatch's --cpus-per-task (every rank would get
+        # one CPU); --kill-on-bad-exit ends every rank when one fails, instead of leaving the others
+        # waiting in a collective until its timeout (no torchrun agent does it under Slurm).
+        srun_args=[f"--cpus-per-task={s.cpus_per_task}", "--kill-on-bad-exit=1"],
     )
     if s.gpus_per_node:
         parameters["gpus_per_node"] = s.gpus_per_node

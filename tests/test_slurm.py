@@ -204,7 +204,8 @@ def test_dry_run_prints_and_submits_nothing(cluster, tmp_path, demo_shards):
     out = submit(cluster, recipe, "--nodes", "2", "--partition", "debug", "--time", "1:30:00", "--dry-run")
     assert out.returncode == 0, out.stderr
     for line in ("#SBATCH --nodes=2", "#SBATCH --partition=debug", "#SBATCH --time=90", "#SBATCH --requeue",
-                 "#SBATCH --signal=USR2@90", "  nodes: 2", "dry run: nothing submitted"):
+                 "#SBATCH --signal=USR2@90", "--cpus-per-task=1 --kill-on-bad-exit=1", "  nodes: 2",
+                 "dry run: nothing submitted"):
         assert line in out.stdout
     assert jobs(cluster) == before and not (tmp_path / "out").exists()
 
