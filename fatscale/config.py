@@ -318,6 +318,12 @@ def resolve(raw: dict, source: str, overrides: list[str] = ()) -> Recipe:
             raise RecipeError("slurm.tasks_per_node: required when slurm.gpus_per_node is 0 (CPU nodes: ranks per node)")
         if (recipe.aug.mixup > 0 or recipe.aug.cutmix > 0) and recipe.train.batch_per_device % 2:
             raise RecipeError(f"train.batch_per_device: Mixup/CutMix needs an even batch, got {recipe.train.batch_per_device}")
+        t = recipe.train
+        if t.precision == "fp16" and t.zero_stage > 0 and t.grad_clip > 0:
+            # DeepSpeed's ZeRO optimizers clip the GradScaler-scaled gradients (their own loss scale
+            # is 1 with fp32 parameters), so every update would shrink by the scale (65536).
+            raise RecipeError(f"train.precision: fp16 with train.zero_stage {t.zero_stage} clips gradients before they "
+                              f"are unscaled (train.grad_clip {t.grad_clip}): use bf16, zero_stage 0 or grad_clip 0")
     except RecipeError as e:
         raise RecipeError(f"{source}: {e}") from None
     return recipe

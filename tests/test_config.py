@@ -63,6 +63,8 @@ def test_official_setup_in_300ep_recipes(variant, drop_path):
         ({"model": {"name": "fat_b0", "drop_path": 1.5}}, "r.yaml: model.drop_path: must be in [0, 1), got 1.5"),
         ({"train": {"epochs": 3, "batch_per_device": 7}}, "r.yaml: train.batch_per_device: Mixup/CutMix needs an even batch"),
         ({"model": None}, "r.yaml: model: expected a mapping"),
+        ({"train": {"epochs": 3, "precision": "fp16", "zero_stage": 1}},
+         "r.yaml: train.precision: fp16 with train.zero_stage 1 clips gradients before they are unscaled"),
     ],
 )
 def test_bad_recipes_fail_with_one_line_naming_file_and_key(tmp_path, change, message):
