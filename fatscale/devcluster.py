@@ -15,17 +15,21 @@ our pid files (``root/pids/<daemon>.pid``).
 Design (README, "Trying Slurm without a cluster" has the user's view):
 
 * The daemons are Debian's (slurm-wlm 22.05, munge, MariaDB 10.11), run in the foreground so
-  that their PIDs are ours, started in this order: munged (own key; its socket in a 0755
-  directory, as munged requires), MariaDB (private datadir, 127.0.0.1 on a free port), slurmdbd
-  (accounting: ``sacct``, and therefore submitit's job states, need it), slurmctld, and one
-  slurmd per node (``slurmd -N NODE``; Debian builds Slurm with MULTIPLE_SLURMD). Nodes are
-  named after their own loopback address (127.0.0.11, 127.0.0.12, ...) so that node names
-  resolve (the first one becomes MASTER_ADDR), and each slurmd has its own port. All ports are
-  picked free at start, so several clusters coexist on one machine. MariaDB listens on
-  127.0.0.1 only; the Slurm daemons listen on every interface, as Slurm 22.05 cannot bind a
-  slurmd to its NodeAddr (``CommunicationParameters=NoInAddrAny`` binds it to the hostname's
-  address instead, which breaks multiple slurmds); they only accept requests signed with this
-  cluster's private munge key.
+  that their PIDs are ours, started in this order: munged (a random key of its own), MariaDB
+  (private datadir), slurmdbd (accounting: ``sacct``, and therefore submitit's job states, need
+  it), slurmctld, and one slurmd per node (``slurmd -N NODE``; Debian builds Slurm with
+  MULTIPLE_SLURMD). Nodes are named after their own loopback address (127.0.0.11, 127.0.0.12,
+  ...) so that node names resolve (the first one becomes MASTER_ADDR), and each slurmd has its
+  own port. All ports are picked free at start, so several clusters coexist on one machine.
+* The cluster is root's alone. ``root`` and every directory in it that holds a socket or a
+  secret are 0700 (slurmd makes spool/NODE 0755, below the 0700 spool), the munge key and
+  slurmdbd.conf 0600 from their creation: no other local user reaches munged (so none gets a
+  credential for this cluster) or MariaDB. MariaDB has no TCP port: slurmdbd talks to it
+  through its socket, as root (unix_socket authentication, no password), and secure-file-priv
+  confines LOAD_FILE and INTO OUTFILE to the empty ``db-files``. slurmctld and slurmdbd listen
+  on 127.0.0.1 only (see _as_localhost). Each slurmd listens on every address, as do srun's
+  sockets: Slurm 22.05 cannot bind them elsewhere without breaking srun (see _write_configs);
+  they answer only requests signed with this cluster's munge key.
 * ``cred_expire=5`` (the minimum) and 1 s scheduler intervals let a requeued job start again
   within seconds instead of after the default 120 s credential lifetime.
 * A second start in the same directory reuses what the first left (database, job history,
@@ -91,6 +95,15 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    """Replaces ``path`` with a file that only its owner may read, from its creation on."""
+    new = path.with_name(f".{path.name}.new")
+    new.unlink(missing_ok=True)  # a killed start's
+    with open(os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+        f.write(data)
+    new.replace(path)
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1.0)
@@ -103,6 +116,15 @@ def _last_line(log: Path) -> str:
     except OSError:
         return "(no log)"
     return lines[-1] if lines else "(empty log)"
+
+
+def _as_localhost(unshare: str, argv: list[str]) -> list[str]:
+    """``argv`` with "localhost" for host name, in a UTS namespace of its own (one process: exec
+    follows exec). With CommunicationParameters=NoCtldInAddrAny (slurmctld) or NoInAddrAny
+    (slurmdbd) Slurm 22.05 binds to the address of its host name, not to a configured one, and
+    to every address without them. Needs CAP_SYS_ADMIN, which a container may withhold from root."""
+    set_name = "import os, socket, sys; socket.sethostname('localhost'); os.execv(sys.argv[1], sys.argv[1:])"
+    return [unshare, "--uts", "--", sys.executable, "-I", "-c", set_name, *argv]
 
 
 def _kind(daemon: str) -> str:
@@ -147,8 +169,8 @@ class DevCluster:
         if running:
             name, pid = running[0]
             raise DevClusterError(f"a dev cluster already runs in {self.root} ({name} pid {pid}); stop it first")
-        binaries = {name: _binary(name) for name in (
-            "munged", "mariadb-install-db", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "sinfo", "sacctmgr")}
+        binaries = {name: _binary(name) for name in ("munged", "mariadb-install-db", "mariadbd", "slurmdbd",
+                                                     "slurmctld", "slurmd", "sinfo", "sacctmgr", "unshare")}
         self._prepare_root()
         try:
             self._start(binaries)
@@ -166,16 +188,23 @@ class DevCluster:
                                   f"pick a shorter directory")
         if self.root.exists() and not self._holds_devcluster() and (not self.root.is_dir() or any(self.root.iterdir())):
             raise DevClusterError(f"{self.root} exists and holds no dev cluster; pick a new or empty directory")
-        for d in (self.root, self._log, self._pids, self.root / "state", self.root / "db",
-                  *(self.root / "spool" / node for node in self.node_names)):
-            d.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner = self.root.stat().st_uid
+        if owner != os.geteuid():
+            raise DevClusterError(f"{self.root} is owned by uid {owner}, not by this cluster's user "
+                                  f"(uid {os.geteuid()}); pick a directory of your own")
+        # Only the cluster's user may enter any of it: it holds the sockets (munged's, MariaDB's,
+        # slurmstepd's) and the munge key. chmod: clusters made by older versions had 0755 ones.
+        for d in (self.root, self._run, self._log, self._pids, self.root / "state", self.root / "munge",
+                  self.root / "db", self.root / "db-files", self.root / "spool"):
+            d.mkdir(mode=0o700, exist_ok=True)
+            d.chmod(0o700)
+        for node in self.node_names:  # slurmd logs an error when it has to make its own (it makes them 0755)
+            (self.root / "spool" / node).mkdir(exist_ok=True)
         for path in self._pids.glob("*.pid"):  # stale: nothing of this cluster runs
             path.unlink()
-        # munged wants its socket's directory open to all, its key and seed private
-        self._run.mkdir(exist_ok=True)
-        self._run.chmod(0o755)
-        (self._run / "munge.socket").unlink(missing_ok=True)  # a killed munged's: it signals readiness
-        (self.root / "munge").mkdir(mode=0o700, exist_ok=True)
+        for sock in ("munge.socket", "mysqld.sock"):  # a killed daemon's: they signal readiness
+            (self._run / sock).unlink(missing_ok=True)
 
     def _holds_devcluster(self) -> bool:
         try:
@@ -185,16 +214,16 @@ class DevCluster:
             return False
 
     def _start(self, binaries: dict[str, str]) -> None:
-        ctld_port, dbd_port, db_port, *node_ports = _free_ports(3 + len(self.node_names))
-        munge_dir, munge_socket = self.root / "munge", self._run / "munge.socket"
+        ctld_port, dbd_port, *node_ports = _free_ports(2 + len(self.node_names))
+        munge_dir, munge_socket, db_socket = self.root / "munge", self._run / "munge.socket", self._run / "mysqld.sock"
         key = munge_dir / "munge.key"
         if not key.exists():
-            key.touch(mode=0o600)
-            key.write_bytes(secrets.token_bytes(1024))
-        self._write_configs(ctld_port, dbd_port, db_port, node_ports, munge_socket)
+            _write_private(key, secrets.token_bytes(1024))
+        self._write_configs(ctld_port, dbd_port, node_ports, munge_socket)
 
-        # --force: munged refuses a socket below a directory that not everyone may enter (pytest's
-        # and home directories are 0700) unless forced; every client here is root anyway
+        # --force: munged refuses a socket in a directory that not every user may enter ("Socket is
+        # inaccessible"), as it means to serve them all; this one serves root alone. No other check
+        # of munged's fails here (that is its only warning; a test checks), so no other is relaxed.
         self._spawn("munged", [binaries["munged"], "--foreground", "--force", f"--key-file={key}",
                                f"--socket={munge_socket}", f"--pid-file={self._run / 'munged.pid'}",
                                f"--seed-file={munge_dir / 'munged.seed'}"])
@@ -204,23 +233,28 @@ class DevCluster:
         # slurmdbd logs an error below these values; the buffer pool is only reserved, not used
         mariadb_args = ["--no-defaults", "--user=root", f"--datadir={datadir}", "--skip-name-resolve",
                         "--skip-log-bin", "--innodb-buffer-pool-size=1G", "--innodb-lock-wait-timeout=900"]
-        if not (datadir / "mysql").is_dir():
-            self._run_once("mariadb-install-db", [binaries["mariadb-install-db"], *mariadb_args,
-                                                  "--auth-root-authentication-method=normal", "--skip-test-db"])
-        self._spawn("mariadbd", [binaries["mariadbd"], *mariadb_args, "--bind-address=127.0.0.1", f"--port={db_port}",
-                                 f"--socket={self._run / 'mysqld.sock'}", f"--pid-file={self._run / 'mariadbd.pid'}"])
-        self._wait("mariadbd", lambda: _port_open(db_port))
+        if not (datadir / "mysql").is_dir():  # root@localhost: unix_socket authentication, the Unix root only
+            self._run_once("mariadb-install-db", [binaries["mariadb-install-db"], *mariadb_args, "--skip-test-db"])
+        # No TCP: slurmdbd comes through the socket. The server runs as root: LOAD_FILE and
+        # INTO OUTFILE may use only an empty directory.
+        self._spawn("mariadbd", [binaries["mariadbd"], *mariadb_args, "--skip-networking",
+                                 f"--secure-file-priv={self.root / 'db-files'}", f"--socket={db_socket}",
+                                 f"--pid-file={self._run / 'mariadbd.pid'}"])
+        self._wait("mariadbd", db_socket.exists)
 
-        self._spawn("slurmdbd", [binaries["slurmdbd"], "-D"])
+        # libmariadb takes the socket for StorageHost=localhost from MYSQL_UNIX_PORT; slurmdbd.conf
+        # has no setting for it
+        self._spawn("slurmdbd", _as_localhost(binaries["unshare"], [binaries["slurmdbd"], "-D"]),
+                    env={"MYSQL_UNIX_PORT": str(db_socket)})
         self._wait("slurmdbd", lambda: _port_open(dbd_port))
-        self._spawn("slurmctld", [binaries["slurmctld"], "-D", "-f", str(self.conf)])
+        self._spawn("slurmctld", _as_localhost(binaries["unshare"],
+                                               [binaries["slurmctld"], "-D", "-f", str(self.conf)]))
         for node in self.node_names:
             self._spawn(f"slurmd-{node}", [binaries["slurmd"], "-D", "-f", str(self.conf), "-N", node])
         self._wait("slurmctld", lambda: self._nodes_idle(binaries["sinfo"]))
         self._wait("slurmdbd", lambda: self._cluster_registered(binaries["sacctmgr"]))
 
-    def _write_configs(self, ctld_port: int, dbd_port: int, db_port: int, node_ports: list[int],
-                       munge_socket: Path) -> None:
+    def _write_configs(self, ctld_port: int, dbd_port: int, node_ports: list[int], munge_socket: Path) -> None:
         auth = f"AuthInfo=socket={munge_socket},cred_expire=5"
         (self.root / "plugstack.conf").write_text("")
         nodes = "".join(
@@ -231,8 +265,13 @@ class DevCluster:
         # to slurmdbd; without it they try the system's socket. A random FirstJobId keeps job ids
         # apart between clusters: submitit caches job states process-wide by job id alone.
         # MailProg: there is no mail here (Slurm logs an error at start without one).
+        # NoCtldInAddrAny: slurmctld listens on 127.0.0.1 (see _as_localhost). slurmd stays on every
+        # address: NoInAddrAny binds it to its host name's address, not to its NodeAddr, and a host
+        # name of its own (as slurmctld's) reaches its jobs, whose srun then binds there too and
+        # hangs, as its tasks call back to 127.0.0.1, the address srun came from.
         self.conf.write_text(CONF_HEADER + f"""\
 ClusterName={CLUSTER_NAME}
+CommunicationParameters=NoCtldInAddrAny
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmUser=root
@@ -260,30 +299,28 @@ AccountingStoragePort={dbd_port}
 AccountingStoragePass={munge_socket}
 {nodes}PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
-        dbd_conf = self.root / "slurmdbd.conf"
-        dbd_conf.touch(mode=0o600)  # slurmdbd refuses a config that others can read
-        dbd_conf.chmod(0o600)
-        dbd_conf.write_text(CONF_HEADER + f"""\
+        # slurmdbd refuses a config that others can read. NoInAddrAny: slurmdbd listens on
+        # 127.0.0.1 (see _as_localhost); it reads no slurm.conf.
+        _write_private(self.root / "slurmdbd.conf", (CONF_HEADER + f"""\
 DbdHost=localhost
-DbdAddr=127.0.0.1
 DbdPort={dbd_port}
+CommunicationParameters=NoInAddrAny
 SlurmUser=root
 {auth}
 PidFile={self._run / 'slurmdbd.pid'}
 StorageType=accounting_storage/mysql
-StorageHost=127.0.0.1
-StoragePort={db_port}
+StorageHost=localhost
 StorageUser=root
 StorageLoc=slurm_acct_db
-""")
+""").encode())
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         log = self._log / f"{name}.log"
         # SLURM_CONF also tells slurmdbd where slurmdbd.conf is, and marks every daemon as this
         # cluster's (see _owned); a new session keeps a terminal's Ctrl-C away from the daemons
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=self.root,
-                                    env={**os.environ, **self.env}, start_new_session=True)
+                                    env={**os.environ, **self.env, **(env or {})}, start_new_session=True)
         self._popen[name] = proc
         (self._pids / f"{name}.pid").write_text(f"{proc.pid}\n")
 

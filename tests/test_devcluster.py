@@ -1,9 +1,12 @@
 """fatscale.devcluster with real daemons (munged, MariaDB, slurmdbd, slurmctld, one slurmd per
-node): multi-node jobs, accounting, submitit round trips including a requeue, stop by PID, CLI."""
+node): multi-node jobs, accounting, submitit round trips including a requeue, stop by PID, CLI,
+and what other local users and other hosts can reach of it."""
 
+import ipaddress
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -74,6 +77,42 @@ def sacct_states(cluster: DevCluster, job_id: str) -> list[str]:
     return out.split()
 
 
+def tcp_listeners(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket that process ``pid`` listens on, IPv4 and IPv6."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+            found.add((str(ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))),
+                       int(port, 16)))
+    return found
+
+
+AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]  # an unprivileged local user
+
+
+def mariadb(*argv: str, as_nobody: bool = False) -> subprocess.CompletedProcess:
+    """The MariaDB client, as root or as the unprivileged user nobody."""
+    return subprocess.run([*(AS_NOBODY if as_nobody else []), shutil.which("mariadb"), "--no-defaults", "-N", "-B",
+                           *argv], capture_output=True, text=True, timeout=30, cwd="/")
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     with DevCluster(tmp_path_factory.mktemp("devcluster"), nodes=2, cpus_per_node=2) as cluster:
@@ -141,15 +180,92 @@ def test_submitit_requeue_round_trip(cluster, executor, tmp_path):
 
 
 @needs_daemons
+def test_sockets_and_secrets_are_root_s_alone(cluster):
+    root, run_dir, munge_dir = cluster.root, cluster.root / "run", cluster.root / "munge"
+    # spool/NODE (slurmstepd's sockets) is slurmd's: it makes it 0755
+    private_dirs = [root, run_dir, munge_dir, root / "db", root / "spool"]
+    assert {d: (oct(mode(d)), d.stat().st_uid) for d in private_dirs} == {d: ("0o700", os.geteuid())
+                                                                         for d in private_dirs}
+    for sock in (run_dir / "munge.socket", run_dir / "mysqld.sock"):
+        assert stat.S_ISSOCK(sock.lstat().st_mode)
+    secrets = [*munge_dir.iterdir(), root / "slurmdbd.conf"]  # the key, and the seed after munged's first stop
+    assert munge_dir / "munge.key" in secrets and {f: oct(mode(f)) for f in secrets} == {f: "0o600" for f in secrets}
+    assert len((munge_dir / "munge.key").read_bytes()) == 1024
+    # munged runs with --force for its socket's 0700 directory; it downgrades no other check
+    warnings = [line for line in (root / "log" / "munged.log").read_text().splitlines() if "Warning:" in line]
+    assert set(warnings) == {f'munged: Warning: Socket is inaccessible: execute permissions for all required on '
+                             f'"{run_dir}"'}
+
+
+@needs_daemons
+def test_other_users_get_no_database_and_no_credentials(cluster):
+    mariadbd = dict(cluster.running())["mariadbd"]
+    ways_in = [*(["--protocol=tcp", "-h", host, "-P", str(port)] for host, port in tcp_listeners(mariadbd)),
+               ["--socket", str(cluster.root / "run" / "mysqld.sock")]]
+    for way_in in ways_in:  # as the database's root, without a password
+        attempt = mariadb(*way_in, "-u", "root", "-e", "SELECT CURRENT_USER()", as_nobody=True)
+        assert attempt.returncode != 0 and attempt.stdout == "", (way_in, attempt.stdout)
+        assert attempt.stderr.rstrip().endswith("(13)") or "Access denied" in attempt.stderr, attempt.stderr  # EACCES
+    munge_socket = cluster.root / "run" / "munge.socket"
+    credential = subprocess.run([*AS_NOBODY, shutil.which("munge"), "-n", "-S", str(munge_socket)], capture_output=True,
+                                text=True, timeout=30, cwd="/")
+    assert credential.returncode != 0 and credential.stdout == "" and "Permission denied" in credential.stderr
+
+
+@needs_daemons
+def test_database_reads_and_writes_no_file_outside_its_own(cluster, tmp_path):
+    dbd_conf = dict(line.split("=", 1) for line in (cluster.root / "slurmdbd.conf").read_text().splitlines()
+                    if "=" in line)
+    as_slurmdbd = ["--socket", str(cluster.root / "run" / "mysqld.sock"), "-u", dbd_conf["StorageUser"]]
+    # LOAD_FILE reads only files that all may read (so never /etc/shadow), but as root it reaches
+    # them in directories that others may not enter
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "note").write_text("not for the database")
+    (private / "note").chmod(0o644)
+    for path in ("/etc/shadow", private / "note"):
+        read = mariadb(*as_slurmdbd, "-e", f"SELECT LOAD_FILE('{path}') IS NULL")
+        assert (read.returncode, read.stdout) == (0, "1\n"), (path, read.stderr)
+    outfile = tmp_path / "written-by-mariadb"
+    write = mariadb(*as_slurmdbd, "-e", f"SELECT 'x' INTO OUTFILE '{outfile}'")
+    assert write.returncode != 0 and "--secure-file-priv" in write.stderr and not outfile.exists()
+    allowed = Path(mariadb(*as_slurmdbd, "-e", "SELECT @@secure_file_priv").stdout.strip())
+    assert allowed.parent == cluster.root and mode(allowed) == 0o700 and not any(allowed.iterdir())
+
+
+@needs_daemons
+def test_daemons_listen_on_loopback_only(cluster):
+    listening = {name: tcp_listeners(pid) for name, pid in cluster.running()}
+    assert listening["munged"] == listening["mariadbd"] == set()  # unix sockets only
+    # slurmd is left on every address: Slurm 22.05 cannot bind it to loopback without breaking srun
+    for name in ("slurmdbd", "slurmctld"):
+        assert listening[name] and all(ipaddress.ip_address(host).is_loopback for host, _ in listening[name]), \
+            (name, listening[name])
+
+
+@needs_daemons
+def test_root_of_another_user_is_refused(tmp_path_factory):
+    root = tmp_path_factory.mktemp("owner")
+    os.chown(root, 65534, 65534)
+    cluster = DevCluster(root)
+    try:
+        with pytest.raises(DevClusterError, match=rf"^{root} is owned by uid 65534, not by this cluster's user "
+                                                  rf"\(uid {os.geteuid()}\); pick a directory of your own$"):
+            cluster.start()
+    finally:
+        cluster.stop()
+    assert not any(root.iterdir())
+
+
+@needs_daemons
 def test_start_failure_names_daemon_and_log_and_cleans_up(tmp_path_factory, monkeypatch):
     busy = socket.socket()
-    busy.bind(("", 0))
-    busy.listen()
+    busy.bind(("", 0))  # taken, but not listening: not mistaken for slurmdbd being ready
     free_ports = devcluster._free_ports
 
-    def ports(count: int) -> list[int]:  # the third one is MariaDB's, which exits at once if it is taken
+    def ports(count: int) -> list[int]:  # the second one is slurmdbd's, which exits at once if it is taken
         picked = free_ports(count)
-        picked[2] = busy.getsockname()[1]
+        picked[1] = busy.getsockname()[1]
         return picked
 
     monkeypatch.setattr(devcluster, "_free_ports", ports)
@@ -158,8 +274,9 @@ def test_start_failure_names_daemon_and_log_and_cleans_up(tmp_path_factory, monk
         cluster.start()
     busy.close()
     message = str(failure.value)
-    assert "\n" not in message and message.startswith("mariadbd exited at start")
-    assert f"see {cluster.root / 'log' / 'mariadbd.log'}: " in message and "ERROR" in message
+    assert "\n" not in message and message.startswith("slurmdbd exited at start")
+    assert message.endswith(f"see {cluster.root / 'log' / 'slurmdbd.log'}: slurmdbd: fatal: slurm_init_msg_engine_port "
+                            f"error Address already in use")
     assert cluster.running() == [] and not list((cluster.root / "pids").iterdir())
 
 
@@ -205,6 +322,7 @@ def test_cli_start_status_stop(tmp_path_factory):
     started = cli("start", "--nodes", "1")  # returns while its daemons keep running
     try:
         assert started.returncode == 0, started.stderr
+        assert oct(mode(root)) == "0o700"
         assert f"export SLURM_CONF={root / 'slurm.conf'}\n" in started.stdout
         assert "idle 127.0.0.11" in started.stdout
         pids = [int(p.read_text()) for p in (root / "pids").iterdir()]
