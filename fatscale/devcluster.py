@@ -283,7 +283,8 @@ SlurmctldPidFile={self._run / 'slurmctld.pid'}
 SlurmdPidFile={self._run / 'slurmd-%n.pid'}
 PlugStackConfig={self.root / 'plugstack.conf'}
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+# each task bound to the CPUs Slurm gives it, as on a real cluster (the tests check what a rank sees)
+TaskPlugin=task/affinity
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides

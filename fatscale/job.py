@@ -50,8 +50,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.max_requeues = recipe.slurm.max_requeues  # for checkpoint(), which submitit calls in this process
         setup_logging(dist_env.rank)
         node = os.environ.get("SLURMD_NODENAME", "")
-        log.info("job %s, requeue %d: rank %d of %d on node %s, master %s:%s", os.environ.get("SLURM_JOB_ID"),
-                 self.requeues, dist_env.rank, dist_env.world_size, node, dist_env.master_addr, dist_env.master_port)
+        cpus = len(os.sched_getaffinity(0))
+        log.info("job %s, requeue %d: rank %d of %d on node %s (%d CPUs), master %s:%s", os.environ.get("SLURM_JOB_ID"),
+                 self.requeues, dist_env.rank, dist_env.world_size, node, cpus, dist_env.master_addr,
+                 dist_env.master_port)
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint() + scontrol requeue + exit
         stop = threading.Event()
         signal.signal(signal.SIGUSR2, lambda *_: stop.set())
@@ -62,7 +64,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                 requeue(signal.SIGUSR2, None)
             sys.exit(0)  # the other ranks: done here, rank 0 requeues the job
         return dict(summary=summary, rank=dist_env.rank, world_size=dist_env.world_size, node=node,
-                    requeues=self.requeues)
+                    requeues=self.requeues, cpus=cpus)
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
         """Called by submitit on rank 0 after the trainer saved: the job to requeue, or None when

@@ -101,6 +101,7 @@ def test_two_node_job_trains_across_nodes_and_finishes_in_mlflow(cluster, tmp_pa
     results = job.results()  # waits; one per task
     assert {r["node"] for r in results} == set(cluster.node_names)  # one rank on each node
     assert sorted(r["rank"] for r in results) == [0, 1] and {r["world_size"] for r in results} == {2}
+    assert {r["cpus"] for r in results} == {1}  # slurm.cpus_per_task of the 2 on each node, bound by srun
     assert final_state(job) == "COMPLETED"
     client, run = only_run(recipe)
     assert run.info.status == "FINISHED" and run.data.metrics["top1"] == results[0]["summary"]["top1"]
