@@ -243,6 +243,8 @@ class _DaliSplit:
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
+        if device.type == "cuda" and device.index is None:  # "cuda": DALI needs the GPU's index
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.decode = resolve_decode_device(cfg.decode_device, device)
         self.num_samples = manifest.splits[split].num_samples
