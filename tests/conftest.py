@@ -144,3 +144,15 @@ def hold_run_lock(output_dir: Path) -> subprocess.Popen:
     holder = subprocess.Popen([sys.executable, "-c", code, str(output_dir)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     return holder
+
+
+def wait_for_first_metrics(client, experiment: str, running, timeout: float = 300) -> str:
+    """The id of the run whose first train/loss reached MLflow (``running()``: the job still runs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([found.experiment_id]) if found else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
+            return runs[0].info.run_id
+        assert time.monotonic() < deadline and running(), "no metrics reached the server"
+        time.sleep(0.2)

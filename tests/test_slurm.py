@@ -11,7 +11,7 @@ import pytest
 import submitit
 from mlflow import MlflowClient
 
-from conftest import REPO, demo_recipe, hold_run_lock
+from conftest import REPO, demo_recipe, hold_run_lock, wait_for_first_metrics
 from fatscale import checkpoint as ckpt
 from fatscale.config import load_recipe, slurm_minutes
 from fatscale.devcluster import DevCluster, DevClusterError
@@ -164,14 +164,8 @@ def test_preemption_with_the_tracking_server_down_requeues_at_once_and_loses_no_
     client = MlflowClient(mlflow_server.uri)
     job = job_of(submit(cluster, recipe, "--nodes", "2"), recipe)
     log = Path(job.paths.stdout)
+    run_id = wait_for_first_metrics(client, "preempted-outage", lambda: not job.done())  # then the server goes
     deadline = time.monotonic() + 300
-    while True:  # the first metrics reach the server, then it goes away
-        experiment = client.get_experiment_by_name("preempted-outage")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
-            break
-        assert time.monotonic() < deadline and not job.done(), "no metrics reached the server"
-        time.sleep(0.2)
     mlflow_server.stop(signal.SIGKILL)
     while " step 10/30 " not in log.read_text():
         assert time.monotonic() < deadline and not job.done(), "the job did not reach step 10"
@@ -190,7 +184,7 @@ def test_preemption_with_the_tracking_server_down_requeues_at_once_and_loses_no_
     mlflow_server.start()
     results = job.results()
     assert results[0]["requeues"] == 1 and final_state(job) == "COMPLETED"
-    run = client.get_run(runs[0].info.run_id)
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and int(run.data.tags["fatscale.delivered_late"]) > 0
     interrupted_at = int(run.data.tags["interrupted_at_step"])
     assert 10 <= interrupted_at < 30

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import fatscale  # noqa: F401  (registers the FAT models with timm)
 import timm
-from conftest import corrupt_copy
+from conftest import corrupt_copy, wait_for_first_metrics
 from conftest import demo_recipe as recipe
 from fatscale import checkpoint as ckpt
 from fatscale.demo import CLASSES
@@ -200,14 +200,8 @@ def test_tracks_over_http_through_a_server_outage(tmp_path, demo_shards, mlflow_
     client = MlflowClient(mlflow_server.uri)
     process = launch(path)
     checkpoints = tmp_path / "out" / "checkpoints"
+    run_id = wait_for_first_metrics(client, "outage", lambda: process.poll() is None)  # then the server goes
     deadline = time.monotonic() + 300
-    while True:  # the first metrics reach the server, then it goes away
-        experiment = client.get_experiment_by_name("outage")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        if runs and client.get_metric_history(runs[0].info.run_id, "train/loss"):
-            break
-        assert time.monotonic() < deadline and process.poll() is None, "no metrics reached the server"
-        time.sleep(0.2)
     mlflow_server.stop(signal.SIGKILL)
     while ckpt.latest_tag(checkpoints) != ckpt.tag_for(20):  # training goes on without the server
         assert time.monotonic() < deadline and process.poll() is None, "training stalled without the server"
@@ -216,7 +210,6 @@ def test_tracks_over_http_through_a_server_outage(tmp_path, demo_shards, mlflow_
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 0, out[-4000:]
     assert "unreachable" in out
-    run_id = runs[0].info.run_id
     mlflow_run = client.get_run(run_id)
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.metrics["top1"] >= 0
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [5, 10, 15, 20, 25, 30]

@@ -16,16 +16,13 @@ Results:
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, result  # noqa: E402
+from common import REPO, result, run_launcher  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -70,16 +67,7 @@ def main() -> None:
     command += ["--nproc", "1" if gpu else "2"]
     for o in overrides:
         command += ["--set", o]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])))
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, env=env, cwd=work, capture_output=True, text=True, timeout=args.timeout)
-        code, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as e:
-        code, output = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-    seconds = time.perf_counter() - start
-    (work / "datawait.log").write_text(output)
-    print(output[-3000:], flush=True)
+    code, output, seconds = run_launcher(command, work, args.timeout, "datawait.log", tail=3000)
     windows = [(int(step), float(rate), float(wait)) for step, rate, wait in
                re.findall(r"step (\d+)/\d+ loss \S+ lr \S+ grad_norm \S+ (\d+) img/s data_wait (\d+)%", output)]
     later = windows[1:]

@@ -13,16 +13,13 @@ shapes set) with the GPU overrides: bf16 (the recipe's fp32 is for CPUs without 
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, result  # noqa: E402
+from common import REPO, result, run_launcher  # noqa: E402
 
 CHANCE = 100 / 8
 
@@ -48,16 +45,7 @@ def main() -> None:
         command += ["--nproc", "2"]
     for o in overrides:
         command += ["--set", o]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])))
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, env=env, cwd=work, capture_output=True, text=True, timeout=args.timeout)
-        code, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as e:
-        code, output = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-    seconds = time.perf_counter() - start
-    (work / "e2e.log").write_text(output)
-    print(output[-4000:], flush=True)
+    code, output, seconds = run_launcher(command, work, args.timeout, "e2e.log", tail=4000)
     final = re.search(r"MLflow run (\w+) \((\w+)\) in experiment '([^']*)': top1 ([\d.]+)%, top1_ema ([\d.na]+)%, "
                       r"best_top1 ([\d.]+)%", output)
     decode = set(re.findall(r"train loader: rank \d+/\d+, decode on (\w+)", output))

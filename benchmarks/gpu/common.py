@@ -116,3 +116,21 @@ def dali_placeholder() -> bool:
         parent, _, child = name.rpartition(".")
         setattr(sys.modules[parent], child, sys.modules[name])
     return True
+
+
+def run_launcher(command: list[str], work: Path, timeout: float, log_name: str, tail: int) -> tuple[object, str, float]:
+    """Run a launcher command from ``work`` with this checkout importable: (exit code or "timeout",
+    its output, seconds). The output is also kept in ``work/log_name`` and its tail printed."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])))
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, env=env, cwd=work, capture_output=True, text=True, timeout=timeout)
+        code, output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as e:
+        code, output = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+    seconds = time.perf_counter() - start
+    (work / log_name).write_text(output)
+    print(output[-tail:], flush=True)
+    return code, output, seconds
