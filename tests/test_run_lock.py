@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -44,7 +45,7 @@ def test_a_directory_never_used_is_free(tmp_path):
 
 CHILD = ("import os, signal, sys, time; from fatscale.lifetime import end_with_parent; "
          "signal.signal(signal.SIGTERM, lambda *_: (open(sys.argv[1], 'w').write('SIGTERM'), sys.exit(0))); "
-         "end_with_parent(); time.sleep(600)")
+         "end_with_parent(); open(sys.argv[1] + '.ready', 'w').close(); time.sleep(600)")
 PARENT = "import subprocess, sys; child = subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]]); print(child.pid, flush=True); child.wait()"
 
 
@@ -53,7 +54,10 @@ def test_a_child_ends_with_its_parent_even_when_the_parent_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(marker)], stdout=subprocess.PIPE, text=True,
                               start_new_session=True)
     child = psutil.Process(int(parent.stdout.readline()))
-    time.sleep(1.0)  # the child has asked for the signal
+    deadline = time.monotonic() + 120
+    while not Path(f"{marker}.ready").exists():  # the child has asked for the signal
+        assert time.monotonic() < deadline, "the child never got ready"
+        time.sleep(0.05)
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     child.wait(10)  # raises if the child lives on
