@@ -127,7 +127,7 @@ def test_preempted_job_requeues_and_resumes_the_same_run(cluster, tmp_path, demo
     assert results[0]["requeues"] == 1 and results[0]["summary"]["top1"] >= 0
     text = log.read_text()
     interrupted_at = int(text.split("stop requested: saved ")[1].split("step-")[1][:9])
-    assert 5 <= interrupted_at < 30 and interrupted_at != 15
+    assert 5 <= interrupted_at < 30  # (at 15 under load: the stop then comes right after the epoch's save)
     assert f"resuming from {Path(load_recipe(recipe).output_dir) / 'checkpoints' / ckpt.tag_for(interrupted_at)}" in text
     client, run = only_run(recipe)  # one MLflow run, continued
     assert run.info.status == "FINISHED" and run.data.tags["interrupted_at_step"] == str(interrupted_at)
