@@ -42,7 +42,8 @@ class TrainJob(submitit.helpers.Checkpointable):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
         # torch is imported already (unpickling this job imports fatscale), too late for
         # OMP_NUM_THREADS: one thread per CPU this task may run on, not one per core of the node.
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
+        torch.set_num_threads(cpus)
         from fatscale.config import resolve
         from fatscale.train import Interrupted, setup_logging, train
 
@@ -50,7 +51,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.max_requeues = recipe.slurm.max_requeues  # for checkpoint(), which submitit calls in this process
         setup_logging(dist_env.rank)
         node = os.environ.get("SLURMD_NODENAME", "")
-        cpus = len(os.sched_getaffinity(0))
         log.info("job %s, requeue %d: rank %d of %d on node %s (%d CPUs), master %s:%s", os.environ.get("SLURM_JOB_ID"),
                  self.requeues, dist_env.rank, dist_env.world_size, node, cpus, dist_env.master_addr,
                  dist_env.master_port)

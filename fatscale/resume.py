@@ -62,21 +62,14 @@ def check(progress: dict, current: dict, checkpoint: Path) -> None:
             f"in another output_dir (--set output_dir=...) or after removing {checkpoint.parent}")
 
 
-def latest(output_dir: str | Path) -> tuple[Path, dict] | None:
-    """The latest complete checkpoint in ``output_dir`` and its progress record, or None."""
-    checkpoint_dir = Path(output_dir) / "checkpoints"
+def check_output_dir(recipe: Recipe, manifest: Manifest, world_size: int) -> tuple[Path, dict] | None:
+    """The latest complete checkpoint in ``recipe.output_dir`` and its progress record, which the
+    run will resume (None for a fresh run), or :class:`ResumeMismatch`. For the launchers, before
+    anything starts, and for the trainer, before any state is built."""
+    checkpoint_dir = Path(recipe.output_dir) / "checkpoints"
     tag = ckpt.latest_tag(checkpoint_dir)
     if tag is None:
         return None
-    return checkpoint_dir / tag, ckpt.read_json(checkpoint_dir / tag / "progress.json")
-
-
-def check_output_dir(recipe: Recipe, manifest: Manifest, world_size: int) -> dict | None:
-    """For launchers, before anything starts: the progress of the checkpoint the run will resume
-    (None for a fresh run), or :class:`ResumeMismatch`."""
-    found = latest(recipe.output_dir)
-    if found is None:
-        return None
-    checkpoint, progress = found
-    check(progress, identity(recipe, manifest, world_size), checkpoint)
-    return progress
+    progress = ckpt.read_json(checkpoint_dir / tag / "progress.json")
+    check(progress, identity(recipe, manifest, world_size), checkpoint_dir / tag)
+    return checkpoint_dir / tag, progress

@@ -263,10 +263,7 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
     manifest = load_manifest(recipe.data.shards)
     num_classes = recipe.model.num_classes or manifest.num_classes
     # Before any state is built: a checkpoint made by an incompatible recipe is refused.
-    run_identity = resume.identity(recipe, manifest, world)
-    resumed = resume.latest(output_dir)
-    if resumed is not None:
-        resume.check(resumed[1], run_identity, resumed[0])
+    resumed = resume.check_output_dir(recipe, manifest, world)
     seed_everything(recipe.seed)  # identical initial weights on every rank
     model = build_model(recipe, num_classes, world, device).to(device)
     global_batch = t.batch_per_device * t.grad_accum * world
@@ -303,7 +300,8 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
             log.info("resuming from %s (epoch %d, step %d)", checkpoint_dir / tag, progress["epoch"], progress["global_step"])
     else:
         seed_everything(recipe.seed + 1 + rank)  # per-rank streams for drop path, erasing, Mixup
-    progress.update(resume_identity=run_identity, recipe=recipe_text)  # what the next checkpoint is made with
+    # what the next checkpoint is made with
+    progress.update(resume_identity=resume.identity(recipe, manifest, world), recipe=recipe_text)
 
     train_loader = TrainLoader(manifest, recipe.data, recipe.aug, t.batch_per_device, rank, world, num_classes,
                                device, seed=recipe.seed, state=loader_state)

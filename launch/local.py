@@ -5,9 +5,9 @@
 
 Before any process starts: the recipe and overrides validate, every rank has a batch to train, no
 live run holds the output directory and a checkpoint there was made by a compatible recipe. The
-ranks run ``fatscale.train`` under torchrun, which ends with this launcher, however it dies. ``--demo`` first generates the shapes data set
-(fatscale/demo.py) and its shards under outputs/demo_data, then trains recipes/demo_cpu.yaml
-on 2 ranks and prints the MLflow run's top-1.
+ranks run ``fatscale.train`` under torchrun, which ends with this launcher, however it dies.
+``--demo`` first generates the shapes data set (fatscale/demo.py) and its shards under
+outputs/demo_data, then trains recipes/demo_cpu.yaml on 2 ranks and prints the MLflow run's top-1.
 """
 
 import argparse
@@ -77,10 +77,11 @@ def preflight(recipe, source: str, nproc: int) -> None:
         manifest = load_manifest(recipe.data.shards)
         check_world(recipe, manifest, nproc, source)
         check_free(recipe.output_dir)
-        progress = resume.check_output_dir(recipe, manifest, nproc)
+        resumed = resume.check_output_dir(recipe, manifest, nproc)
     except (RecipeError, RunDirBusy, resume.ResumeMismatch) as e:
         sys.exit(f"error: {e}")
-    if progress is not None:
+    if resumed is not None:
+        _, progress = resumed
         print(f"resuming {recipe.output_dir} at step {progress['global_step']} (epoch {progress['epoch']})")
 
 

@@ -10,8 +10,8 @@ with the recipe. Before anything is queued: the recipe and overrides validate, t
 every shard are readable from here, every rank of the requested nodes x tasks has a batch to
 train, the output directory is writable and not in use by a queued or running job or a live run,
 a checkpoint there was made by a compatible recipe, and the MLflow tracking server answers (a
-warning if not). Any failure is one
-line on stderr and nothing is submitted. The job itself is ``fatscale.job.TrainJob``.
+warning if not). Any failure is one line on stderr and nothing is submitted. The job itself is
+``fatscale.job.TrainJob``.
 """
 
 import argparse
@@ -99,9 +99,10 @@ def check_output_dir(recipe: Recipe, folder: Path, manifest: Manifest, world_siz
             raise PreflightError(f"output_dir: job {job_id} ({state}) already trains into {output_dir}; "
                                  f"wait for it, cancel it (scancel {job_id}) or choose another output_dir")
     check_free(output_dir)
-    progress = resume.check_output_dir(recipe, manifest, world_size)
-    if progress is None:
+    resumed = resume.check_output_dir(recipe, manifest, world_size)
+    if resumed is None:
         return None
+    _, progress = resumed
     return (f"{output_dir} holds a run at step {progress['global_step']} (epoch {progress['epoch']}): the job "
             f"resumes it and continues MLflow run {progress['mlflow_run_id']}; for a fresh run, choose another "
             f"output_dir (--set output_dir=...)")
