@@ -1,62 +1,76 @@
-"""The built-in demo data set: small JPEG photos of shapes, a task a FAT learns in minutes on a CPU.
+"""The built-in demo data set: small JPEG photos of textures, a task a FAT learns in minutes on a CPU.
 
     python -m fatscale.demo DIR [--per-class 100] [--val-per-class 25] [--size 72]
 
 Writes an ImageFolder tree ``DIR/train/<class>/*.JPEG`` and ``DIR/val/<class>/*.JPEG``. Eight
-classes: four shapes (disc, square, triangle, cross) in warm or cool colours, at a random place,
-size and angle, on a noisy textured background, so neither a single pixel nor the mean colour
-gives the class away. Deterministic for a given seed.
+classes of texture: horizontal, vertical and diagonal stripes, checks, dots, concentric rings,
+irregular blobs, and plain (a soft gradient), each in two random colours at a random scale, phase
+and (within the class) angle, under sensor noise. Neither a pixel nor the mean colour gives the
+class away, but every crop of an image shows its texture, so a small net learns the set in a few
+hundred steps. Deterministic for a given seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import colorsys
 import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
-SHAPES = ("disc", "square", "triangle", "cross")
-PALETTES = ("warm", "cool")
-CLASSES = [f"{palette}_{shape}" for palette in PALETTES for shape in SHAPES]
-
-
-def _colour(rng: np.random.Generator, palette: str) -> tuple[int, int, int]:
-    hue = rng.uniform(-0.08, 0.12) % 1.0 if palette == "warm" else rng.uniform(0.45, 0.7)
-    r, g, b = (int(255 * c) for c in _hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)))
-    return r, g, b
+CLASSES = ["horizontal", "vertical", "diagonal", "checks", "dots", "rings", "blobs", "plain"]
+SUPERSAMPLE = 3  # drawn at 3x and downscaled: smooth edges, like a photo's
+TILT = math.radians(12)  # how far stripes and checks lean off their class's direction
 
 
-def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
-    i = int(h * 6) % 6
-    f = h * 6 - int(h * 6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two random colours, apart in brightness so that the texture stays visible in grey too."""
+    hue = rng.uniform(0, 1)
+    dark = colorsys.hsv_to_rgb(hue, rng.uniform(0.3, 1.0), rng.uniform(0.1, 0.45))
+    light = colorsys.hsv_to_rgb((hue + rng.uniform(0.2, 0.8)) % 1, rng.uniform(0.2, 1.0), rng.uniform(0.7, 1.0))
+    pair = [np.array(dark) * 255, np.array(light) * 255]
+    rng.shuffle(pair)
+    return pair[0], pair[1]
+
+
+def _mask(label: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """How much of the second colour goes where (n x n, 0..1) for a texture of class ``label``."""
+    y, x = np.mgrid[0:n, 0:n].astype(np.float64) / n  # image coordinates in [0, 1)
+    name = CLASSES[label]
+    direction = {"horizontal": math.pi / 2, "vertical": 0.0, "diagonal": rng.choice([0.25, 0.75]) * math.pi,
+                 "checks": 0.0}.get(name, rng.uniform(0, math.pi))
+    angle = direction + rng.uniform(-TILT, TILT)
+    u = x * math.cos(angle) + y * math.sin(angle)  # across the stripes
+    v = -x * math.sin(angle) + y * math.cos(angle)
+    period = rng.uniform(0.1, 0.2)  # of the image side
+    phase_u, phase_v = rng.uniform(0, 1, size=2)
+    if name in ("horizontal", "vertical", "diagonal"):
+        return np.sin(2 * math.pi * (u / period + phase_u)) > 0
+    if name == "checks":
+        return np.sin(2 * math.pi * (u / period + phase_u)) * np.sin(2 * math.pi * (v / period + phase_v)) > 0
+    if name == "dots":
+        radius = rng.uniform(0.22, 0.32)
+        return ((u / period + phase_u) % 1 - 0.5) ** 2 + ((v / period + phase_v) % 1 - 0.5) ** 2 < radius ** 2
+    if name == "rings":
+        cx, cy = rng.uniform(0.3, 0.7, size=2)
+        return np.sin(2 * math.pi * (np.hypot(x - cx, y - cy) / period + phase_u)) > 0
+    if name == "blobs":  # smooth random noise cut at its median: irregular patches, no period
+        coarse = rng.normal(size=(6, 6)).astype(np.float32)
+        field = np.asarray(Image.fromarray(coarse).resize((n, n), Image.BICUBIC))
+        return field > np.median(field)
+    return np.clip(u * rng.uniform(0, 1), 0, 1)  # plain: a soft gradient, no edges at all
 
 
 def draw(label: int, size: int, rng: np.random.Generator) -> Image.Image:
-    palette, shape = CLASSES[label].split("_")
-    background = rng.integers(60, 196, size=3)
-    noise = rng.normal(0, 25, size=(size, size, 3))
-    image = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1))
-    canvas = ImageDraw.Draw(image)
-    radius = rng.uniform(0.18, 0.32) * size
-    cx, cy = rng.uniform(radius, size - radius, size=2)
-    angle = rng.uniform(0, 2 * math.pi)
-    fill = _colour(rng, palette)
-    if shape == "disc":
-        canvas.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
-    elif shape == "cross":
-        for a in (angle, angle + math.pi / 2):
-            dx, dy = radius * math.cos(a), radius * math.sin(a)
-            canvas.line([cx - dx, cy - dy, cx + dx, cy + dy], fill=fill, width=max(2, int(radius / 3)))
-    else:
-        corners = 4 if shape == "square" else 3
-        points = [(cx + radius * math.cos(angle + 2 * math.pi * k / corners),
-                   cy + radius * math.sin(angle + 2 * math.pi * k / corners)) for k in range(corners)]
-        canvas.polygon(points, fill=fill)
-    return image
+    n = size * SUPERSAMPLE
+    first, second = _colours(rng)
+    mix = _mask(label, n, rng)[..., None]
+    pixels = (first + mix * (second - first)).astype(np.uint8)
+    image = Image.fromarray(pixels).resize((size, size), Image.LANCZOS)
+    noisy = np.asarray(image, dtype=np.float64) + rng.normal(0, rng.uniform(4, 16), size=(size, size, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
 def make_demo_images(root: str | Path, per_class: int = 100, val_per_class: int = 25, size: int = 72,

@@ -1,33 +1,105 @@
-"""Export a checkpoint's weights (raw and EMA) as safetensors that timm loads.
+"""Export a checkpoint's weights (raw and EMA) as timm model folders, and load them back from MLflow.
 
     python -m fatscale.export OUTPUT_DIR [--tag step-000001200] [--out DIR]
 
-Writes ``model.safetensors`` and (when the run keeps an EMA) ``model_ema.safetensors``, fp32,
-consolidated (ZeRO 0-2 keep whole parameters in the module states file), default into
-``OUTPUT_DIR/export``. Load with ``timm.create_model(name, pretrained=True,
-pretrained_cfg_overlay=dict(file=...))``. Nothing is unpickled from the checkpoint.
+Writes ``model/`` and (when the run keeps an EMA) ``model_ema/``, default under
+``OUTPUT_DIR/export``: each a folder in timm's own format, ``model.safetensors`` (fp32,
+consolidated: ZeRO 0-2 keep whole parameters in the module states file) and ``config.json``
+(architecture, ``num_classes``, the model arguments such as ``bidirectional``, the class names and
+the input size and crop of the recipe), written by ``timm.models.save_for_hf``. timm builds the
+trained model from a folder alone::
+
+    timm.create_model("local-dir:outputs/run/export/model_ema", pretrained=True)
+
+The trainer logs both folders to MLflow as logged models and registers them (fatscale.tracking);
+``load_mlflow_model("models:/NAME/VERSION")`` builds the model from the registry. Nothing is
+unpickled, neither from the checkpoint nor from MLflow.
 """
+
+from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+import torch
+import yaml
+
+import fatscale
+import timm
 from fatscale import checkpoint as ckpt
+from fatscale.data.manifest import ManifestError, load_manifest
+
+WEIGHTS = "model.safetensors"  # the names timm's local-dir loader looks for
+CONFIG = "config.json"
+FLAVOR = "fatscale"  # the MLmodel flavor of fatscale's MLflow models
 
 
 def export(output_dir: Path, tag: str | None = None, out: Path | None = None) -> list[Path]:
+    """The folders written (raw first, then EMA), from checkpoint ``tag`` (default: the latest)."""
     checkpoint_dir = output_dir / "checkpoints"
     tag = tag or ckpt.latest_tag(checkpoint_dir)
     if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir}: no complete checkpoint")
+    recipe = yaml.safe_load(ckpt.read_json(checkpoint_dir / tag / "progress.json")["recipe"])
     out = out or output_dir / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "model.safetensors"]
-    ckpt.save_safetensors_atomic(ckpt.module_state_dict(checkpoint_dir, tag), written[0])
+    weights = {"model": ckpt.module_state_dict(checkpoint_dir, tag)}
     if (checkpoint_dir / tag / "ema.safetensors").exists():
-        written.append(out / "model_ema.safetensors")
-        ckpt.save_safetensors_atomic(ckpt.load_ema(checkpoint_dir, tag), written[1])
+        weights["model_ema"] = ckpt.load_ema(checkpoint_dir, tag)
+    written = []
+    for name, state in weights.items():
+        folder = out / name
+        _save_timm_folder(recipe, state, folder)
+        written.append(folder)
     return written
+
+
+def _save_timm_folder(recipe: dict, state: dict[str, torch.Tensor], folder: Path) -> None:
+    data, bidirectional = recipe["data"], recipe["model"]["bidirectional"]
+    # The config's input size, crop and interpolation are the model's pretrained_cfg: the recipe's.
+    model = timm.create_model(recipe["model"]["name"], num_classes=state["head.weight"].shape[0],
+                              bidirectional=bidirectional,
+                              pretrained_cfg_overlay=dict(input_size=(3, data["img_size"], data["img_size"]),
+                                                          crop_pct=data["crop_pct"], interpolation="bicubic"))
+    model.load_state_dict(state, strict=True)
+    model_config = {}
+    try:
+        manifest = load_manifest(data["shards"])
+        model_config = dict(label_names=manifest.classes,
+                            label_descriptions=dict(zip(manifest.classes, manifest.class_names)))
+    except ManifestError:
+        pass  # exported away from its shards: the folder then names no classes
+    folder.mkdir(parents=True, exist_ok=True)
+    # timm writes its files in place: write into a fresh sibling, then move them in.
+    staging = folder.with_name(f".{folder.name}.tmp")
+    timm.models.save_for_hf(model, str(staging), model_config=model_config, model_args=dict(bidirectional=bidirectional),
+                            safe_serialization=True)
+    for file in (WEIGHTS, CONFIG):
+        (staging / file).replace(folder / file)
+    staging.rmdir()
+
+
+def mlflow_flavors(model_name: str) -> dict[str, dict[str, str]]:
+    """The flavors of an exported folder's MLmodel file: what built it and how to load it."""
+    return {FLAVOR: dict(model=model_name, weights=WEIGHTS, config=CONFIG, loader="fatscale.export.load_mlflow_model",
+                         fatscale_version=fatscale.__version__, timm_version=timm.__version__)}
+
+
+def load_mlflow_model(model_uri: str, dst_path: str | None = None) -> torch.nn.Module:
+    """The timm model (eval mode) of a fatscale MLflow model: ``models:/NAME/VERSION``,
+    ``models:/NAME@ALIAS``, ``models:/MODEL_ID``, or any artifact URI of one, from the tracking and
+    registry URIs MLflow is set to (``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``), as
+    MLflow's own ``load_model`` functions do. Its files are downloaded (to ``dst_path``, default a
+    temporary directory); the weights load from safetensors."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+
+    local = Path(download_artifacts(artifact_uri=model_uri, dst_path=dst_path))
+    flavors = Model.load(str(local)).flavors
+    if FLAVOR not in flavors:
+        raise ValueError(f"{model_uri} is not a fatscale model: its MLmodel has the flavors {sorted(flavors)}, "
+                         f"not {FLAVOR!r}")
+    return timm.create_model(f"local-dir:{local}", pretrained=True).eval()
 
 
 def main(argv: list[str] | None = None) -> None:

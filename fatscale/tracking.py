@@ -31,10 +31,19 @@ then one record a line, in the order they were logged::
     {"kind": "param", "key": "optim.lr", "value": "0.001"}
     {"kind": "tag", "key": "interrupted_at_step", "value": "120"}
     {"kind": "artifact", "path": "/abs/output_dir/train.log", "artifact_path": null}
+    {"kind": "dataset", "name": "imagenet/train", "digest": "...", "source": "{...}", "schema": "{...}",
+     "profile": "{...}", "context": "training"}
+    {"kind": "model", "name": "...", "path": "/abs/output_dir/export/model_ema", "flavors": {...},
+     "params": {...}, "step": 120, "metrics": [["top1_ema", 91.5, 1700000000000]],
+     "registered_name": "..." or null, "description": "..."}
     {"kind": "terminate", "status": "KILLED"}                                       (last)
 
-Marks on a run: ``fatscale.delivered_late`` (how many metric, param, tag and artifact records a spill
-file delivered) and
+A model record is delivered as a whole: the logged model (its folder's files and an MLmodel file
+with the ``fatscale`` flavor, see fatscale.export), its metrics, the run's output link and the model
+version in the registry; each part that is already there (a replay) is found, not made again.
+
+Marks on a run: ``fatscale.delivered_late`` (how many records a spill file delivered, the terminal
+status aside) and
 ``fatscale.spilled_at_step`` come with a spill's delivery; ``fatscale.rejected_records`` (records
 MLflow refused for good) is set just before the terminal status.
 
@@ -50,6 +59,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -60,6 +70,8 @@ from fatscale.checkpoint import write_atomic
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+
+    from fatscale.data.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +88,19 @@ SPILL_VERSION = 1
 DELIVERED_LATE_TAG = "fatscale.delivered_late"
 SPILLED_AT_STEP_TAG = "fatscale.spilled_at_step"
 REJECTED_TAG = "fatscale.rejected_records"
+MODEL_STEP_TAG = "fatscale.step"  # a logged model's training step: a model of a later step is another model
+# MLflow's system tags (mlflow.utils.mlflow_tags) that its UI shows
+NOTE_TAG = "mlflow.note.content"  # the run's description
+SOURCE_NAME_TAG, SOURCE_TYPE_TAG = "mlflow.source.name", "mlflow.source.type"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+# Experiment tags fatscale sets on the experiments it uses, where not set already: the model-training
+# kind (MLflow 3's UI reads it where it has no GenAI / Model training switch; 3.17's follows the switch
+# or the URL's workflowType, see run_url) and top1, the metric its run charts lead with.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
+                   "mlflow.experiment.primaryMetric.name": "top1",
+                   "mlflow.experiment.primaryMetric.greaterIsBetter": "True"}
+DIGEST_CHARS = 12  # of a split's digest (Manifest.split_digest) as the dataset's MLflow digest; the profile has all
 
 
 def tracking_uri(configured: str | None, output_dir: str) -> str:
@@ -87,6 +112,13 @@ def tracking_uri(configured: str | None, output_dir: str) -> str:
 def browse_command(uri: str) -> str:
     """What a user runs to look at the runs stored at ``uri``."""
     return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in MLflow's UI (``mlflow ui``'s default address for a SQLite store), in the
+    model-training view of MLflow 3's UI (its default is the GenAI view)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def sync_command(spill_path: Path) -> str:
@@ -124,13 +156,39 @@ class _Artifact(NamedTuple):
     kind = "artifact"
 
 
+class _Dataset(NamedTuple):
+    """An MLflow dataset input of the run (the JSON fields as MLflow's ``Dataset`` holds them)."""
+
+    name: str
+    digest: str
+    source: str
+    schema: str
+    profile: str
+    context: str  # the input's mlflow.data.context tag
+    kind = "dataset"
+
+
+class _Model(NamedTuple):
+    """A logged model of the run, registered as a model version unless ``registered_name`` is None."""
+
+    name: str
+    path: str  # absolute: a folder whose files are the model's artifacts, read when delivered
+    flavors: dict  # the MLmodel file's flavors: name -> fields
+    params: dict
+    step: int
+    metrics: list  # [key, value, timestamp]: points the run has too, linked to the model
+    registered_name: str | None
+    description: str
+    kind = "model"
+
+
 class _Terminate(NamedTuple):
     status: str
     kind = "terminate"
 
 
-_Record = _Metric | _Param | _Tag | _Artifact | _Terminate
-_KINDS = {cls.kind: cls for cls in (_Metric, _Param, _Tag, _Artifact, _Terminate)}
+_Record = _Metric | _Param | _Tag | _Artifact | _Dataset | _Model | _Terminate
+_KINDS = {cls.kind: cls for cls in (_Metric, _Param, _Tag, _Artifact, _Dataset, _Model, _Terminate)}
 
 
 def _head(records: deque[_Record]) -> list[_Record]:
@@ -203,6 +261,10 @@ class _Sender:
                 self.client.log_batch(run_id, tags=[RunTag(*tag) for tag in batch])
             elif isinstance(head, _Artifact):
                 self.client.log_artifact(run_id, head.path, head.artifact_path)
+            elif isinstance(head, _Dataset):
+                self._send_dataset(run_id, head)
+            elif isinstance(head, _Model):
+                self._send_model(run_id, head)
             else:
                 if self.rejected:  # before the status: a run must not look complete when it is not
                     self.client.set_tag(run_id, REJECTED_TAG, str(self.rejected))
@@ -212,6 +274,55 @@ class _Sender:
                 raise
             log.warning("MLflow rejected %d tracking record(s), dropped: %s", len(batch), _brief(e))
             self.rejected += len(batch)
+
+    def _send_dataset(self, run_id: str, record: _Dataset) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(record.name, record.digest, "local", record.source, record.schema, record.profile)
+        # MLflow keeps one dataset per name and digest and one input per run and dataset: a re-send adds nothing.
+        self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag(DATASET_CONTEXT_TAG, record.context)])])
+
+    def _send_model(self, run_id: str, record: _Model) -> None:
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+        from mlflow.models import Model
+
+        client = self.client
+        run = client.get_run(run_id)
+        step = str(record.step)
+        logged = next((model for model in (client.get_logged_model(output.model_id)
+                                           for output in (run.outputs.model_outputs if run.outputs else []))
+                       if model.name == record.name and model.tags.get(MODEL_STEP_TAG) == step), None)
+        if logged is None:
+            logged = client.create_logged_model(run.info.experiment_id, name=record.name, source_run_id=run_id,
+                                                tags={MODEL_STEP_TAG: step}, params=record.params, model_type="timm")
+            client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, record.step)])
+        if logged.status != LoggedModelStatus.READY:
+            client.log_model_artifacts(logged.model_id, record.path)
+            mlmodel = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id,
+                            model_id=logged.model_id)
+            for flavor, fields in record.flavors.items():
+                mlmodel.add_flavor(flavor, **fields)
+            with tempfile.TemporaryDirectory() as tmp:
+                mlmodel.save(os.path.join(tmp, "MLmodel"))
+                client.log_model_artifact(logged.model_id, os.path.join(tmp, "MLmodel"))
+            # The run has these points already (same key, value, timestamp, step): this links them to the model.
+            client.log_batch(run_id, metrics=[Metric(key, value, timestamp, record.step, model_id=logged.model_id)
+                                              for key, value, timestamp in record.metrics])
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        if record.registered_name is None:
+            return
+        try:
+            client.create_registered_model(record.registered_name)
+        except Exception as e:
+            if getattr(e, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                raise
+        # The source is the model's artifact location, where a "models:/ID" source would lead: MLflow's SQL
+        # registry store looks such a source up through the process's global tracking URI, not this
+        # client's. (Its versions keep no model_id either: the source names the version's model.)
+        versions = client.search_model_versions(f"run_id = '{run_id}'")
+        if not any(v.name == record.registered_name and v.source == logged.artifact_location for v in versions):
+            client.create_model_version(record.registered_name, logged.artifact_location, run_id=run_id,
+                                        description=record.description, model_id=logged.model_id)
 
     def _send_params(self, run_id: str, params: list) -> None:
         from mlflow.exceptions import MlflowException
@@ -336,6 +447,38 @@ class Tracker:
         if not os.path.exists(path):
             raise FileNotFoundError(f"cannot log MLflow artifact, no such file: {path}")
         self._put(_Artifact(path, artifact_path))
+
+    def log_manifest(self, manifest: Manifest, shards: str | Path) -> None:
+        """The shard splits as the run's MLflow dataset inputs: ``<shard dir name>/<split>``, digest
+        ``split_digest`` (its first DIGEST_CHARS characters), source the shard directory, profile
+        the sample, shard and class counts and the whole digest; train is the training context, the
+        others evaluation."""
+        shards = Path(shards).resolve()
+        schema = json.dumps({"mlflow_colspec": [{"type": "binary", "name": "jpg"}, {"type": "long", "name": "cls"},
+                                                {"type": "string", "name": "json"}]})
+        for split, info in manifest.splits.items():
+            digest = manifest.split_digest(split)
+            profile = dict(num_samples=info.num_samples, num_shards=len(info.shards), num_classes=manifest.num_classes,
+                           bytes=sum(shard.bytes for shard in info.shards), skipped=len(info.skipped), sha256=digest)
+            self._put(_Dataset(f"{shards.name}/{split}", digest[:DIGEST_CHARS], json.dumps({"uri": str(shards)}),
+                               schema, json.dumps(profile), "training" if split == "train" else "evaluation"))
+
+    def log_model(self, name: str, folder: str | Path, flavors: dict[str, dict], metrics: dict[str, float], step: int,
+                  params: dict[str, object] | None = None, registered_name: str | None = None,
+                  description: str = "") -> None:
+        """``folder``'s files as the MLflow logged model ``name`` of this run, with an MLmodel file of
+        ``flavors``; ``metrics`` go to the run at ``step`` and are linked to the model; with a
+        ``registered_name``, the model becomes a new version of that registered model (created if
+        needed) with ``description``. The files are read when delivered, like artifacts'."""
+        folder = os.path.abspath(folder)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"cannot log MLflow model, no such folder: {folder}")
+        timestamp, step = int(time.time() * 1000), int(step)
+        points = [[self._checked(key), float(value), timestamp] for key, value in metrics.items()]
+        self._step = step if self._step is None else max(self._step, step)
+        self._put(*(_Metric(key, value, ts, step) for key, value, ts in points),
+                  _Model(name, folder, flavors, {key: str(value) for key, value in (params or {}).items()}, step,
+                         points, registered_name, description))
 
     def finish(self, status: str = "FINISHED", timeout: float = 60.0) -> bool:
         """Delivers what is queued, then ends the run with ``status`` (FINISHED, FAILED or KILLED),
@@ -517,8 +660,37 @@ class NullTracker:
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         pass
 
+    def log_manifest(self, manifest: Manifest, shards: str | Path) -> None:
+        pass
+
+    def log_model(self, name: str, folder: str | Path, flavors: dict[str, dict], metrics: dict[str, float], step: int,
+                  params: dict[str, object] | None = None, registered_name: str | None = None,
+                  description: str = "") -> None:
+        pass
+
     def finish(self, status: str = "FINISHED", timeout: float = 60.0) -> bool:
         return True
+
+
+class NodeMonitor:
+    """MLflow's system metrics of one more node of a multi-node run, into the run ``run_id`` that
+    rank 0's Tracker logs (which monitors rank 0's node). One per node, on its local rank 0, after
+    ``mlflow.system_metrics.set_system_metrics_node_id``. Light: MLflow's monitor thread alone,
+    which ends at its first failed request with MLflow's warning, so an outage ends this node's
+    system metrics (rank 0's own monitor is restarted by the Tracker)."""
+
+    def __init__(self, uri: str, run_id: str):
+        _connect(uri)  # the same HTTP bounds and logging as the Tracker's
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
+        self._monitor.start()
+
+    def finish(self, timeout: float) -> None:
+        """Stops the monitor, waiting at most ``timeout`` s for its last request."""
+        stopping = threading.Thread(target=self._monitor.finish, name="mlflow-monitor-stop", daemon=True)
+        stopping.start()
+        stopping.join(timeout)
 
 
 # ---------------------------------------------------------------- sync command
@@ -584,6 +756,12 @@ def _connect(uri: str) -> tuple[MlflowClient, Path | None]:
     """A client for ``uri``, and for a SQLite store its database file (folder created)."""
     from mlflow import MlflowClient
 
+    # MLflow prints its records (INFO included) through a stderr handler of its own: hand them to the
+    # application's handlers instead (the trainer: warnings on the console, everything in train.log).
+    mlflow_logger = logging.getLogger("mlflow")
+    mlflow_logger.handlers.clear()
+    mlflow_logger.propagate = True
+    mlflow_logger.setLevel(logging.NOTSET)
     if uri.startswith(("http://", "https://")):
         for key, value in HTTP_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
@@ -601,17 +779,20 @@ def _experiment_id(client: MlflowClient, name: str, database: Path | None) -> st
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    # With a SQLite store, artifacts go beside the database file (MLflow's default is ./mlruns
-    # under whatever the working directory is); a server chooses for itself.
-    location = None if database is None else (database.parent / "mlartifacts").as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException as e:  # another job created it in between
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return client.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        # With a SQLite store, artifacts go beside the database file (MLflow's default is ./mlruns
+        # under whatever the working directory is); a server chooses for itself.
+        location = None if database is None else (database.parent / "mlartifacts").as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+        except MlflowException as e:  # another job created it in between
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in experiment.tags:  # a value set by hand (in the UI, say) stays
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def _retryable(error: Exception) -> bool:

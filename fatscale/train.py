@@ -11,10 +11,14 @@ steps with periodic logging and checkpoints -> evaluation of the raw and EMA mod
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
+import logging.handlers
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,10 +43,11 @@ from fatscale.config import (Recipe, RecipeError, add_recipe_arguments, check_wo
                              to_dict)
 from fatscale.data.loader import LoaderState, TrainLoader, ValLoader
 from fatscale.data.manifest import load_manifest
-from fatscale.export import export
+from fatscale.export import export, mlflow_flavors
 from fatscale.lifetime import end_with_parent
 from fatscale.run_lock import RunDirBusy, RunLock
-from fatscale.tracking import SPILL_FILE, NullTracker, Tracker, tracking_uri
+from fatscale.tracking import (GIT_COMMIT_TAG, NOTE_TAG, SOURCE_NAME_TAG, SOURCE_TYPE_TAG, SPILL_FILE, NodeMonitor,
+                               NullTracker, Tracker, tracking_uri)
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -50,6 +55,8 @@ from timm.utils import ModelEmaV3
 
 log = logging.getLogger("fatscale")
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+# Rank 0's records from before it holds output_dir (DeepSpeed's compiler probes among them), for train.log.
+_early_records: logging.handlers.MemoryHandler | None = None
 # Slurm kills a job 90 s after USR2: stopping (save, then requeue) must not wait on MLflow. What is
 # not delivered by then is spilled to OUTPUT_DIR/mlflow-spill.jsonl for the resumed run to send.
 TRACKING_STOP_TIMEOUT_S = 3.0
@@ -81,8 +88,22 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # DeepSpeed prints what it builds: for the log, not the console
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    for line in printed.getvalue().splitlines():
+        logging.getLogger("deepspeed").info("%s", line)
     return rank, world, local_rank, device
+
+
+def node_layout(local_rank: int) -> tuple[int | None, list[str]]:
+    """This rank's node index if it is its node's local rank 0 (else None), and the host of every
+    node, in the order of the nodes' first ranks; from the ranks themselves, whatever the launcher."""
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, (local_rank, socket.gethostname()))
+    leaders = [rank for rank, (local, _) in enumerate(ranks) if local == 0]
+    index = leaders.index(dist.get_rank()) if local_rank == 0 else None
+    return index, [ranks[rank][1] for rank in leaders]
 
 
 def seed_everything(seed: int) -> None:
@@ -170,11 +191,8 @@ def build_model(recipe: Recipe, num_classes: int, world: int, device: torch.devi
     model = timm.create_model(m.name, **kwargs)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(stages=list(m.grad_checkpointing))
-    if world > 1 and recipe.train.sync_bn:
-        if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:  # torch's SyncBatchNorm runs on GPUs only
-            log.warning("train.sync_bn: no GPU, BatchNorm statistics stay per rank")
+    if world > 1 and recipe.train.sync_bn and device.type == "cuda":  # torch's SyncBatchNorm runs on GPUs only
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # Parameters stay contiguous (DeepSpeed broadcasts and flattens them as such); channels_last
     # inputs from the loader make convolutions run channels_last.
     return model
@@ -232,7 +250,12 @@ def hold_output_dir(output_dir: Path, rank: int) -> RunLock | None:
     if rank == 0:
         handler = logging.FileHandler(output_dir / "train.log")
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        logging.getLogger().addHandler(handler)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        if _early_records is not None:
+            _early_records.setTarget(handler)
+            _early_records.flush()
+            root.removeHandler(_early_records)
     return lock
 
 
@@ -249,7 +272,7 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
     """Train ``recipe`` on this rank; returns the final top-1 summary. Setting ``stop`` (from a
     signal handler, say) on any rank makes every rank save a checkpoint at the next step and
     raise :class:`Interrupted`."""
-    rank, world, _local_rank, device = init_distributed()
+    rank, world, local_rank, device = init_distributed()
     t = recipe.train
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -266,6 +289,8 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
     resumed = resume.check_output_dir(recipe, manifest, world)
     seed_everything(recipe.seed)  # identical initial weights on every rank
     model = build_model(recipe, num_classes, world, device).to(device)
+    if world > 1 and t.sync_bn and device.type != "cuda" and rank == 0:
+        log.warning("train.sync_bn: no GPU, BatchNorm statistics stay per rank (set train.sync_bn: false for CPU runs)")
     global_batch = t.batch_per_device * t.grad_accum * world
     lr = recipe.optim.lr * global_batch / recipe.optim.lr_base_batch
     optimizer = create_optimizer_v2(
@@ -281,7 +306,7 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
     grad_scaler = fp16_grad_scaler(engine)
 
     # Resume: the latest complete checkpoint in output_dir, without being asked.
-    progress = dict(epoch=0, global_step=0, best_top1=-1.0, mlflow_run_id=None)
+    progress = dict(epoch=0, global_step=0, best_top1=-1.0, mlflow_run_id=None, elapsed_s=0.0)
     loader_state = None
     changed: list[str] = []
     if resumed is not None:
@@ -317,17 +342,34 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
     )
     scheduler.step_update(progress["global_step"])
 
+    node_index, hosts = node_layout(local_rank)
+    system_metrics = recipe.tracking.system_metrics
+    if system_metrics and len(hosts) > 1 and node_index is not None:  # the node of each series' name
+        from mlflow.system_metrics import set_system_metrics_node_id
+
+        set_system_metrics_node_id(f"node{node_index}")
+    uri = tracking_uri(recipe.tracking.uri, recipe.output_dir)
+    devices = f"{world} GPU{'s' * (world > 1)}" if device.type == "cuda" else f"{world} CPU rank{'s' * (world > 1)}"
+    data_name = Path(recipe.data.shards).resolve().name
     tracker = NullTracker()
     if rank == 0:
-        tags = {"model": recipe.model.name, "recipe": recipe.tracking.run_name, "nodes": os.environ.get("SLURM_NNODES", "1"),
-                "job_id": os.environ.get("SLURM_JOB_ID", "local")}
-        tracker = Tracker(tracking_uri(recipe.tracking.uri, recipe.output_dir), recipe.tracking.experiment,
-                          recipe.tracking.run_name, progress["mlflow_run_id"], tags, recipe.tracking.system_metrics,
-                          spill_path=output_dir / SPILL_FILE)
+        tags = {"model": recipe.model.name, "recipe": recipe.tracking.run_name, "nodes": str(len(hosts)),
+                "job_id": os.environ.get("SLURM_JOB_ID", "local"),
+                SOURCE_NAME_TAG: str(Path(__file__).resolve()),
+                SOURCE_TYPE_TAG: "JOB" if "SLURM_JOB_ID" in os.environ else "LOCAL", GIT_COMMIT_TAG: git_commit()}
+        if len(hosts) > 1:  # which machine each node's system metrics (system/nodeN/...) come from
+            tags["node_hosts"] = " ".join(f"node{i}={host}" for i, host in enumerate(hosts))
+        tracker = Tracker(uri, recipe.tracking.experiment, recipe.tracking.run_name, progress["mlflow_run_id"], tags,
+                          system_metrics, spill_path=output_dir / SPILL_FILE)
         if progress["mlflow_run_id"] is None:
             params = flatten(to_dict(recipe))
-            params.update(world_size=world, gpus=world if device.type == "cuda" else 0, git_commit=git_commit())
+            params.update(world_size=world, gpus=world if device.type == "cuda" else 0)
             tracker.log_params(params)
+            tracker.log_manifest(manifest, recipe.data.shards)
+            tracker.set_tags({NOTE_TAG: (
+                f"{recipe.model.name} on {data_name} ({manifest.splits['train'].num_samples} train, "
+                f"{manifest.splits['val'].num_samples} val images, {manifest.num_classes} classes), "
+                f"{t.epochs} epochs on {devices}: training")})
             resolved = output_dir / "recipe.yaml"
             resolved.write_text(recipe_text)
             tracker.log_artifact(str(resolved))
@@ -340,11 +382,21 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
             changed_recipe.write_text(recipe_text)
             tracker.log_artifact(str(changed_recipe))
             tracker.set_tags({"recipe_changed_at_step": str(step), "recipe_changes": ", ".join(changed)})
+    node_monitor = None
+    if system_metrics and len(hosts) > 1:  # rank 0's Tracker monitors its node; the other nodes log into its run
+        run_id = [tracker.run_id]
+        dist.broadcast_object_list(run_id, src=0)
+        if run_id[0] is None and rank == 0:
+            log.warning("MLflow unreachable at the start: the other %d node(s) log no system metrics in this session",
+                        len(hosts) - 1)
+        elif run_id[0] is not None and node_index not in (None, 0):
+            node_monitor = NodeMonitor(uri, run_id[0])
 
     def save(is_best: bool = False) -> None:
         nonlocal last_save
         step = progress["global_step"]
         tag = ckpt.tag_for(step)
+        progress["elapsed_s"] = elapsed_before + time.monotonic() - started
         if rank == 0:
             progress["mlflow_run_id"] = tracker.run_id or progress["mlflow_run_id"]  # None while MLflow is away
         engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
@@ -386,6 +438,8 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
         if rank == 0:
             log.warning("stop requested: saved %s; training stops here", checkpoint_dir / ckpt.tag_for(progress["global_step"]))
         tracker.set_tags({"interrupted_at_step": str(progress["global_step"])})
+        if node_monitor is not None:
+            node_monitor.finish(TRACKING_STOP_TIMEOUT_S)
         tracker.finish("KILLED", timeout=TRACKING_STOP_TIMEOUT_S)
         raise Interrupted(progress["global_step"])
 
@@ -394,13 +448,15 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
     metrics: dict[str, float] = {}
     start_step = progress["global_step"]
     started = time.monotonic()
+    elapsed_before = progress.get("elapsed_s", 0.0)  # 0: a checkpoint from before fatscale counted it
+    train_seconds = 0.0  # in the steps of this session, for images/s
     window = dict(images=0, wait=0.0, start=time.monotonic())
     every = recipe.checkpoint
     try:
         while progress["global_step"] < total_steps:
             engine.train()
             nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # over the micro-steps of a step
-            fetch_start = time.monotonic()
+            fetch_start = epoch_start = time.monotonic()
             for images, targets in train_loader:
                 window["wait"] += time.monotonic() - fetch_start
                 loss = loss_fn(engine(images), targets)
@@ -455,6 +511,7 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
                 if save_now:
                     save()
                 fetch_start = time.monotonic()
+            train_seconds += time.monotonic() - epoch_start
             progress["epoch"] = train_loader.state.epoch
             finished = progress["global_step"] >= total_steps
             is_best = False
@@ -471,16 +528,38 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
         summary = {"top1": metrics["val/top1"], "best_top1": max(progress["best_top1"], metrics["val/top1"])}
         if ema is not None:
             summary["top1_ema"] = metrics["val/top1_ema"]
+        if node_monitor is not None:
+            node_monitor.finish(TRACKING_STOP_TIMEOUT_S)
         if rank == 0:
-            for path in export(output_dir):  # the final checkpoint's raw and EMA weights
-                tracker.log_artifact(str(path), "export")
-            tracker.log_metrics(summary, progress["global_step"])
+            step = progress["global_step"]
+            tracker.log_metrics({"best_top1": summary["best_top1"]}, step)
+            # The final checkpoint's raw and EMA weights, as logged models and registered model versions.
+            for folder, key, which in zip(export(output_dir), ("top1", "top1_ema"), ("raw", "EMA")):
+                name = f"{recipe.tracking.run_name}-{recipe.model.name}" + ("-ema" if key == "top1_ema" else "")
+                tracker.log_model(name, folder, mlflow_flavors(recipe.model.name), {key: summary[key]}, step,
+                                  params={"model": recipe.model.name, "weights": which, "num_classes": num_classes,
+                                          "img_size": recipe.data.img_size},
+                                  registered_name=name,
+                                  description=f"{recipe.model.name}, {which} weights at step {step}: top-1 "
+                                              f"{summary[key]:.2f}% on {data_name}/val ({metrics['val/num_images']:.0f} images)")
+            steps_done = step - start_step
+            throughput = f", {steps_done * global_batch / train_seconds:.0f} images/s" if steps_done else ""
+            device_hours = (elapsed_before + time.monotonic() - started) * world / 3600
+            ema_text = f" (EMA {summary['top1_ema']:.2f}%, best {summary['best_top1']:.2f}%)" if ema is not None else \
+                f" (best {summary['best_top1']:.2f}%)"
+            tracker.set_tags({NOTE_TAG: (
+                f"**top-1 {summary['top1']:.2f}%**{ema_text} on {data_name}/val ({metrics['val/num_images']:.0f} images): "
+                f"{recipe.model.name} trained on {data_name}/train ({manifest.splits['train'].num_samples} images, "
+                f"{manifest.num_classes} classes) for {progress['epoch']} epochs ({step} steps){throughput}, "
+                f"{device_hours:.3f} device-hours on {devices}.")})
             log_file = output_dir / "train.log"
             if log_file.exists():
                 tracker.log_artifact(str(log_file))
             tracker.finish("FINISHED")
             log.info("done: %s", " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
     except BaseException:
+        if node_monitor is not None:
+            node_monitor.finish(TRACKING_STOP_TIMEOUT_S)  # a no-op after interrupt()
         tracker.finish("FAILED", timeout=TRACKING_STOP_TIMEOUT_S)  # a no-op after interrupt(): the run stays KILLED
         raise
     dist.barrier()
@@ -489,10 +568,24 @@ def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None)
     return summary
 
 
+def _console_filter(record: logging.LogRecord) -> bool:
+    return record.name.startswith("fatscale") or record.levelno >= logging.WARNING
+
+
 def setup_logging(rank: int) -> None:
-    """Console logging; rank 0 also logs to OUTPUT_DIR/train.log once it holds the directory."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=[logging.StreamHandler(sys.stdout)],
-                        format=LOG_FORMAT, force=True)
+    """Rank 0: fatscale's records and every warning on the console, every record from INFO up in
+    OUTPUT_DIR/train.log (once it holds the directory; those before are kept until then). Other
+    ranks: warnings on the console."""
+    global _early_records
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.addFilter(_console_filter)
+    handlers: list[logging.Handler] = [console]
+    if rank == 0:
+        _early_records = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+        handlers.append(_early_records)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers, format=LOG_FORMAT,
+                        force=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,8 +6,10 @@
 Before any process starts: the recipe and overrides validate, every rank has a batch to train, no
 live run holds the output directory and a checkpoint there was made by a compatible recipe. The
 ranks run ``fatscale.train`` under torchrun, which ends with this launcher, however it dies.
-``--demo`` first generates the shapes data set (fatscale/demo.py) and its shards under
-outputs/demo_data, then trains recipes/demo_cpu.yaml on 2 ranks and prints the MLflow run's top-1.
+``--demo`` first generates the textures data set (fatscale/demo.py) and its shards under
+outputs/demo_data, then trains recipes/demo_cpu.yaml on 2 ranks. At the end of a run it prints the
+top-1 as MLflow has it, where the weights are and how to load them, and how to browse the run and
+its curves.
 """
 
 import argparse
@@ -86,21 +88,36 @@ def preflight(recipe, source: str, nproc: int) -> None:
 
 
 def print_result(recipe) -> None:
-    """The final top-1 as MLflow has it, and how to browse the run."""
+    """What a person acts on: the final top-1 as MLflow has it, where the weights are and how to load
+    them, how to browse the run and plot its curves."""
     from mlflow import MlflowClient
 
-    from fatscale.tracking import browse_command, tracking_uri
+    from fatscale.tracking import browse_command, run_url, tracking_uri
 
     uri = tracking_uri(recipe.tracking.uri, recipe.output_dir)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(recipe.tracking.experiment)
     (run,) = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{recipe.tracking.run_name}'",
                                 order_by=["attributes.start_time DESC"], max_results=1)
-    metrics = run.data.metrics
-    print(f"MLflow run {run.info.run_id} ({run.info.status}) in experiment {recipe.tracking.experiment!r}: "
+    run_id, metrics = run.info.run_id, run.data.metrics
+    print(f"MLflow run {run_id} ({run.info.status}) in experiment {recipe.tracking.experiment!r}: "
           f"top1 {metrics['top1']:.2f}%, top1_ema {metrics.get('top1_ema', float('nan')):.2f}%, "
           f"best_top1 {metrics['best_top1']:.2f}%")
-    print(f"checkpoints and exported weights in {recipe.output_dir}; browse the run with: {browse_command(uri)}")
+    folders = [folder for folder in (Path(recipe.output_dir) / "export" / name for name in ("model", "model_ema"))
+               if folder.is_dir()]
+    # registered model -> its newest version from this run (a resumed run may have made several)
+    latest = {v.name: v for v in sorted(client.search_model_versions(f"run_id = '{run_id}'"), key=lambda v: int(v.version))}
+    print(f"weights (timm folders): {', '.join(map(str, folders))}; checkpoints in {Path(recipe.output_dir) / 'checkpoints'}")
+    print(f"  load: import fatscale, timm; timm.create_model('local-dir:{folders[-1]}', pretrained=True)")
+    if latest:
+        names = sorted(latest)  # the EMA's ("...-ema") last, as the folders
+        print("  registered in MLflow: " + ", ".join(f"models:/{name}/{latest[name].version}" for name in names)
+              + f"; load: mlflow.set_tracking_uri('{uri}'); "
+              f"fatscale.export.load_mlflow_model('models:/{names[-1]}/{latest[names[-1]].version}')")
+    where = f"{browse_command(uri)}, then open" if uri.startswith("sqlite:") else "open"
+    print(f"browse the run: {where} {run_url(uri, experiment.experiment_id, run_id)}")
+    print(f"  curves: the run's 'Model metrics' tab there, or: python -c \"from mlflow import MlflowClient; "
+          f"[print(m.step, m.value) for m in MlflowClient('{uri}').get_metric_history('{run_id}', 'val/top1')]\"")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
-    """Shards of the built-in shapes set (fatscale/demo.py): 480 train, 160 val samples, 8 classes."""
+    """Shards of the built-in textures set (fatscale/demo.py): 480 train, 160 val samples, 8 classes."""
     from fatscale.data.shards import make_shards
     from fatscale.demo import make_demo_images
 
@@ -112,7 +112,8 @@ def demo_recipe(tmp_path: Path, shards: Path, **sections) -> Path:
 
 def corrupt_copy(shards: Path, dest: Path, split: str, label: int, how: str = "truncate") -> str:
     """Copy ``shards`` to ``dest`` and damage, inside its tar, the JPEG of the ``split`` sample of
-    class ``label``; returns its key. ``truncate``: the tail becomes zeros (every decoder fails).
+    class ``label``; returns its key. ``truncate``: the tail becomes zeros (libjpeg may still
+    decode a textured image so damaged, as garbage: use ``junk`` where a decoder must fail).
     ``junk``: its JFIF segment is declared 3 bytes short, leaving 3 stray bytes before the next
     marker: PIL decodes it, DALI's decoder does not."""
     shutil.copytree(shards, dest)

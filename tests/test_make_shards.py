@@ -953,10 +953,17 @@ def test_cli_script_from_repo_root(tmp_path):
     assert r.stderr == f"make_shards: error: source {tmp_path / 'nope'} does not exist\n"
 
 
-def test_class_names_from_timm_table_for_wnids():
-    names = S.class_names_for(["n01440764", "n02123045", "not_a_wnid"])
+def test_class_names_come_from_timms_public_imagenet_info(monkeypatch):
+    from timm.data import ImageNetInfo
+
+    names = S.class_names_for(["n01440764", "n02123045", "n99999999", "not_a_wnid"])
     assert names[0] == "tench, Tinca tinca" and names[1].startswith("tabby")
-    assert names[2] == "not_a_wnid"
+    assert names[2:] == ["n99999999", "not_a_wnid"]  # unknown to timm: the folder's name
+    info = ImageNetInfo()
+    assert S.class_names_for(info.label_names()) == info.label_descriptions()
+    # timm's API, not its data files: what it answers is what the manifest gets
+    monkeypatch.setattr(ImageNetInfo, "label_name_to_description", lambda self, label, detailed=False: label.upper())
+    assert S.class_names_for(["n01440764"]) == ["N01440764"]
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 import fatscale  # noqa: F401  (registers the FAT models with timm)
 import timm
-from conftest import corrupt_copy, wait_for_first_metrics
+from conftest import corrupt_copy, free_port, wait_for_first_metrics
 from conftest import demo_recipe as recipe
 from fatscale import checkpoint as ckpt
 from fatscale.demo import CLASSES
@@ -68,16 +69,34 @@ def test_end_to_end_learns_tracks_and_exports(tmp_path, demo_shards):
     assert metrics["top1"] > 2.5 * 100 / len(CLASSES)  # chance is 12.5%
     assert {"top1_ema", "best_top1", "val/top5", "val/loss", "train/loss", "train/lr"} <= set(metrics)
     assert mlflow_run.data.params["train.epochs"] == "8" and mlflow_run.data.params["world_size"] == "2"
-    assert mlflow_run.data.tags["model"] == "fat_b0"
-    # export round trip through timm: the same function as the trained module
-    weights = out / "export" / "model_ema.safetensors"
-    # (num_classes in the overlay too: timm drops a head whose size differs from the cfg's)
-    model = timm.create_model("fat_b0", pretrained=True, num_classes=len(CLASSES),
-                              pretrained_cfg_overlay=dict(file=str(weights), num_classes=len(CLASSES))).eval()
-    exported = load_file(str(weights))
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.items())
+    tags = mlflow_run.data.tags
+    assert tags["model"] == "fat_b0" and tags["nodes"] == "1"
+    # What MLflow's UI shows: the source and its commit, and a description that states the result.
+    assert tags["mlflow.source.name"] == str(REPO / "fatscale" / "train.py") and tags["mlflow.source.type"] == "LOCAL"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert tags["mlflow.source.git.commit"] == commit
+    note = tags["mlflow.note.content"]
+    assert note.startswith(f"**top-1 {metrics['top1']:.2f}%** (EMA {metrics['top1_ema']:.2f}%, best "
+                           f"{metrics['best_top1']:.2f}%) on shards/val (160 images): fat_b0 trained on shards/train "
+                           "(480 images, 8 classes) for 8 epochs (120 steps), ")
+    assert " images/s, " in note and note.endswith(" device-hours on 2 CPU ranks.")
+    assert sorted(i.dataset.name for i in mlflow_run.inputs.dataset_inputs) == ["shards/train", "shards/val"]
+    assert {a.path for a in client.list_artifacts(mlflow_run.info.run_id)} == {"recipe.yaml", "train.log"}
+    # The final raw and EMA weights: timm folders, registered as model versions with their top-1.
+    versions = {v.name: v for v in client.search_model_versions(f"run_id = '{mlflow_run.info.run_id}'")}
+    assert sorted(versions) == ["recipe-fat_b0", "recipe-fat_b0-ema"]
+    assert versions["recipe-fat_b0-ema"].description == (
+        f"fat_b0, EMA weights at step 120: top-1 {metrics['top1_ema']:.2f}% on shards/val (160 images)")
+    logged = {m.name: m for m in client.search_logged_models([mlflow_run.info.experiment_id])}
+    assert [(m.key, m.value) for m in logged["recipe-fat_b0"].metrics] == [("top1", metrics["top1"])]
+    assert "registered in MLflow: models:/recipe-fat_b0/1, models:/recipe-fat_b0-ema/1" in launcher.stdout
+    # The export loads from its folder alone, with the trained function: the EMA of the last checkpoint.
+    model = timm.create_model(f"local-dir:{out / 'export' / 'model_ema'}", pretrained=True).eval()
+    assert model.num_classes == len(CLASSES) and tuple(model.pretrained_cfg["input_size"]) == (3, 48, 48)
+    assert model.pretrained_cfg["label_names"] == sorted(CLASSES)
     tag = ckpt.latest_tag(out / "checkpoints")
     assert torch.equal(ckpt.load_ema(out / "checkpoints", tag)["head.weight"], model.head.weight.detach())
+    assert f"load: import fatscale, timm; timm.create_model('local-dir:{out / 'export' / 'model_ema'}'" in launcher.stdout
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, demo_shards):
@@ -101,9 +120,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, demo_shards):
     assert 8 <= killed_at < 24
     out = run(interrupted)
     assert f"resuming from {checkpoints}/step-{killed_at:09d}" in out
-    for name in ("model.safetensors", "model_ema.safetensors"):
-        a = load_file(str(tmp_path / "a" / "out" / "export" / name))
-        b = load_file(str(tmp_path / "b" / "out" / "export" / name))
+    for name in ("model", "model_ema"):
+        a = load_file(str(tmp_path / "a" / "out" / "export" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "b" / "out" / "export" / name / "model.safetensors"))
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}: {key} differs"
@@ -214,7 +233,33 @@ def test_tracks_over_http_through_a_server_outage(tmp_path, demo_shards, mlflow_
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.metrics["top1"] >= 0
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [5, 10, 15, 20, 25, 30]
     assert [m.step for m in client.get_metric_history(run_id, "val/top1_ema")] == [15, 30]
-    assert {a.path for a in client.list_artifacts(run_id)} >= {"recipe.yaml", "train.log", "export"}
+    assert {a.path for a in client.list_artifacts(run_id)} == {"recipe.yaml", "train.log"}
+    # the logged models and their versions, through the outage too
+    assert sorted(v.name for v in client.search_model_versions(f"run_id = '{run_id}'")) == ["recipe-fat_b0", "recipe-fat_b0-ema"]
+
+
+def test_every_node_logs_its_system_metrics_under_its_node_id(tmp_path, demo_shards, mlflow_server):
+    # Two torchrun "nodes" on this machine, one rank each: two processes with LOCAL_RANK 0.
+    path = recipe(tmp_path, demo_shards, train={"epochs": 1}, checkpoint={"every_steps": None},
+                  tracking={"uri": mlflow_server.uri, "experiment": "two-nodes", "system_metrics": True})
+    mlflow_server.start()
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               "-m", "fatscale.train", str(path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for node in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    client = MlflowClient(mlflow_server.uri)
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("two-nodes").experiment_id])
+    system = {key for key in mlflow_run.data.metrics if key.startswith("system/")}
+    for node in ("node0", "node1"):
+        assert f"system/{node}/cpu_utilization_percentage" in system, system
+    assert all(key.split("/")[1] in ("node0", "node1") for key in system)  # no series without its node
+    assert mlflow_run.data.tags["nodes"] == "2"
+    assert mlflow_run.data.tags["node_hosts"] == f"node0={socket.gethostname()} node1={socket.gethostname()}"
+    assert "Started monitoring system metrics" not in outputs[1]  # MLflow's INFO lines stay off the console
 
 
 def wait_for_log(log_file: Path, text: str, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -315,7 +360,9 @@ def test_resume_refuses_an_incompatible_recipe_and_records_a_compatible_change(t
 def test_logged_grad_norm_and_val_counts_are_true(tmp_path, demo_shards):
     # fp16 scales the loss by 65536 before backward; the logged norm must be the unscaled one.
     shards = tmp_path / "shards"
-    corrupt_copy(demo_shards, shards, "val", 3)
+    # (a damage the pipeline's decoder rejects whatever the image: zeros over the scan data of a textured
+    # JPEG can still decode, as garbage)
+    corrupt_copy(demo_shards, shards, "val", 3, how="junk")
     history = {}
     for precision in ("fp32", "fp16"):
         (tmp_path / precision).mkdir()

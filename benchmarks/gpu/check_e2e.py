@@ -4,7 +4,7 @@ NCCL) -> MLflow (local sqlite store), the final top-1 read back from MLflow.
     python benchmarks/gpu/check_e2e.py [--device cuda|cpu] [--workdir DIR] [--set key=value ...]
 
 Runs ``launch/local.py --demo`` (recipes/demo_cpu.yaml, 12 epochs of FAT-B0 at 64 px on the
-shapes set) with the GPU overrides: bf16 (the recipe's fp32 is for CPUs without bf16 units),
+textures set) with the GPU overrides: bf16 (the recipe's fp32 is for CPUs without bf16 units),
 4 DALI threads, data and output under --workdir. Results:
   e2e_demo   the launcher exits 0 and prints the MLflow run FINISHED with top-1 above twice chance
              (8 classes: 25%), the train loader decoded on mixed (cpu on a CPU), the store exists

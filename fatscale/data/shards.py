@@ -45,7 +45,6 @@ import collections
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import io
 import json
 import math
@@ -236,27 +235,20 @@ def _split_entries(root: Path) -> tuple[list[str], list[os.DirEntry]]:
     return dirs, others
 
 
-def _imagenet_lemmas() -> dict[str, str]:
-    """wnid -> "tench, Tinca tinca" from timm's bundled table, read without importing timm."""
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        return {}
-    for loc in spec.submodule_search_locations:
-        p = Path(loc, "data", "_info", "imagenet_synset_to_lemma.txt")
-        if p.is_file():
-            out = {}
-            for line in p.read_text(encoding="utf-8").splitlines():
-                wnid, _, lemma = line.partition("\t")
-                if lemma:
-                    out[wnid] = lemma
-            return out
-    return {}
-
-
 def class_names_for(classes: list[str]) -> list[str]:
-    """Human-readable names: WordNet lemmas for ImageNet wnids, else the folder names."""
-    lemmas = _imagenet_lemmas() if any(re.fullmatch(r"n\d{8}", c) for c in classes) else {}
-    return [lemmas.get(c, c) for c in classes]
+    """Human-readable names: timm's ImageNet descriptions (WordNet lemmas) for wnids, else the folder names."""
+    if not any(re.fullmatch(r"n\d{8}", c) for c in classes):
+        return list(classes)
+    from timm.data import ImageNetInfo  # imports torch: only for trees named by ImageNet class ids
+
+    info = ImageNetInfo()
+    names = []
+    for c in classes:
+        try:
+            names.append(info.label_name_to_description(c))
+        except KeyError:  # not a WordNet synset timm knows
+            names.append(c)
+    return names
 
 
 def _read_label_entries(path: Path) -> list[tuple[int, str, str]]:
