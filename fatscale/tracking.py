@@ -66,7 +66,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from fatscale.checkpoint import write_atomic
+from fatscale.atomic import write_atomic
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

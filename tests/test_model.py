@@ -307,8 +307,14 @@ def test_fx_feature_extraction_and_scripting():
     assert torch.allclose(scripted(x), model(x), atol=1e-6, rtol=0)
 
 
-def test_import_fatscale_registers_the_models():
-    code = "import fatscale, timm; print(timm.list_models('fat_*')); print(timm.create_model('fat_b1').num_classes)"
+@pytest.mark.parametrize("code", [
+    "import fatscale, timm",  # registered when timm is first imported
+    "import fatscale, torchvision, timm",  # torchvision first: still repaired, still registered
+    "import fatscale, sys; assert 'torch' not in sys.modules and 'timm' not in sys.modules; import timm",
+    "import fatscale._torchvision_compat as c; c.ensure_torchvision_importable(); import timm, fatscale",  # timm first
+])
+def test_import_fatscale_registers_the_models(code):
+    code += "; print(timm.list_models('fat_*')); print(timm.create_model('fat_b1').num_classes)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["['fat_b0', 'fat_b1', 'fat_b2', 'fat_b3']", "1000"]
