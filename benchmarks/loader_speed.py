@@ -31,7 +31,7 @@ import fatscale  # noqa: F401  (before timm)
 import webdataset as wds
 from fatscale.data.loader import AugConfig, DataConfig, TrainLoader
 from fatscale.data.manifest import load_manifest
-from fatscale.data.shards import make_shards
+from fatscale.prep import make_shards
 import timm.data.auto_augment as timm_auto_augment
 from timm.data import create_transform
 

@@ -4,11 +4,11 @@ Builds an ImageFolder tree (train/<wnid>/*.JPEG) from real ImageNet JPEGs (by de
 ../shared/data/imagenet-sample: 1000 files, one per class; --repeat copies every file R times
 under new names, real copies since tar would store links as links), warms the page cache, then
 times, interleaved and --reps times each (the best run of each counts, as with timeit: other
-load on the machine only ever slows a run down; medians are printed too):
+load on the machine only ever slows a run down; the medians go to --json):
 
 * ``tar cf`` of the tree (the baseline),
 * the make_shards CLI in pass-through mode, end to end (interpreter, imports, scan, workers),
-* ``fatscale.data.shards.make_shards()`` called in this process after a warm-up call: the same
+* ``fatscale.prep.make_shards()`` called in this process after a warm-up call: the same
   work without the start-up costs that a 1 GB tree cannot amortise but 150 GB of ImageNet does
   (its worker server is already up; each call still scans, plans and starts its workers),
 * the same two in re-encode mode (--max-side, --quality) on --reencode-images images.
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=10,
                     help="copies of each source image (default 10: 10k images, 1.1 GB, which with "
                          "its shards and tar stays in the page cache)")
-    ap.add_argument("--reps", type=int, default=5, help="timed runs per command (median reported)")
+    ap.add_argument("--reps", type=int, default=5, help="timed runs per command (the best is reported, the median goes to --json)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shard-size-mb", type=float, default=100,
                     help="shard size (default 100: ~11 shards, so that every worker stays busy "
@@ -105,7 +105,7 @@ def main() -> None:
     a = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from fatscale.data.shards import make_shards
+    from fatscale.prep import make_shards
 
     ms = [sys.executable, str(REPO / "data_prep" / "make_shards.py"), "--quiet", "--workers", str(a.workers)]
     a.work.mkdir(parents=True, exist_ok=True)
@@ -145,31 +145,31 @@ def main() -> None:
     m = json.loads((out_dir / "manifest.json").read_text())["splits"]["train"]
     assert m["num_samples"] == n, "make_shards lost samples"
     shard_bytes = sum(s["bytes"] for s in m["shards"])
-    for _ in range(max(1, (a.reps + 1) // 2)):
+    re_reps = max(1, (a.reps + 1) // 2)
+    for _ in range(re_reps):
         runs["re_cli"].append(timed(cli(re_tree, re_opts), out_dir))
         runs["re_api"].append(api(re_tree, True))
     mr = json.loads((out_dir / "manifest.json").read_text())["splits"]["train"]
     re_out = sum(s["bytes"] for s in mr["shards"])
 
-    best = {k: min(v) for k, v in runs.items()}
-    med = best  # the figures below use the best runs; the medians go to the JSON
+    best = {k: min(v) for k, v in runs.items()}  # the figures below; the medians go to the JSON
     medians = {k: statistics.median(v) for k, v in runs.items()}
     mb = nbytes / n / 1e6  # MB per image
-    tar_rate, cli_rate, api_rate = n / med["tar"], n / med["cli"], n / med["api"]
-    fixed = max(0.0, med["cli"] - med["api"])
-    re_rate = n_re / med["re_api"]
-    fixed_re = max(0.0, med["re_cli"] - med["re_api"])
+    tar_rate, cli_rate, api_rate = n / best["tar"], n / best["cli"], n / best["api"]
+    fixed = max(0.0, best["cli"] - best["api"])
+    re_rate = n_re / best["re_api"]
+    fixed_re = max(0.0, best["re_cli"] - best["re_api"])
     res = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "command": " ".join(["python", "benchmarks/shard_speed.py"] + sys.argv[1:]),
         "images": n, "source_mb": round(nbytes / 1e6, 1), "shard_mb": round(shard_bytes / 1e6, 1),
         "workers": a.workers, "shard_size_mb": a.shard_size_mb,
-        "tar_s": med["tar"], "tar_img_s": tar_rate, "tar_mb_s": tar_rate * mb,
-        "cli_s": med["cli"], "cli_img_s": cli_rate, "cli_mb_s": cli_rate * mb, "cli_ratio": cli_rate / tar_rate,
-        "api_s": med["api"], "api_img_s": api_rate, "api_mb_s": api_rate * mb, "api_ratio": api_rate / tar_rate,
+        "tar_s": best["tar"], "tar_img_s": tar_rate, "tar_mb_s": tar_rate * mb,
+        "cli_s": best["cli"], "cli_img_s": cli_rate, "cli_mb_s": cli_rate * mb, "cli_ratio": cli_rate / tar_rate,
+        "api_s": best["api"], "api_img_s": api_rate, "api_mb_s": api_rate * mb, "api_ratio": api_rate / tar_rate,
         "cli_fixed_s": fixed,
-        "reencode_images": n_re, "reencode_cli_s": med["re_cli"], "reencode_api_s": med["re_api"],
+        "reencode_images": n_re, "reencode_cli_s": best["re_cli"], "reencode_api_s": best["re_api"],
         "reencode_img_s": re_rate, "reencode_in_mb": round(bytes_re / 1e6, 1),
         "reencode_out_mb": round(re_out / 1e6, 1), "max_side": a.max_side, "quality": a.quality,
         "imagenet_images": IMAGENET_IMAGES,
@@ -178,14 +178,14 @@ def main() -> None:
         "imagenet_reencode_h": (fixed_re + IMAGENET_IMAGES / re_rate) / 3600,
         "medians": medians, "runs": runs, "cpu_idle_before": idle,
     }
-    print(f"best of {a.reps} runs each (medians in --json)")
-    print(f"tar cf                          : {med['tar']:6.2f} s {tar_rate:7.0f} img/s {tar_rate * mb:6.0f} MB/s")
-    print(f"make_shards CLI, end to end     : {med['cli']:6.2f} s {cli_rate:7.0f} img/s {cli_rate * mb:6.0f} MB/s"
+    print(f"best of {a.reps} runs each, {re_reps} of re-encode (medians in --json)")
+    print(f"tar cf                          : {best['tar']:6.2f} s {tar_rate:7.0f} img/s {tar_rate * mb:6.0f} MB/s")
+    print(f"make_shards CLI, end to end     : {best['cli']:6.2f} s {cli_rate:7.0f} img/s {cli_rate * mb:6.0f} MB/s"
           f" = {res['cli_ratio']:.2f} x tar")
-    print(f"make_shards() warm, steady state: {med['api']:6.2f} s {api_rate:7.0f} img/s {api_rate * mb:6.0f} MB/s"
+    print(f"make_shards() warm, steady state: {best['api']:6.2f} s {api_rate:7.0f} img/s {api_rate * mb:6.0f} MB/s"
           f" = {res['api_ratio']:.2f} x tar  (CLI fixed cost {fixed:.2f} s)")
-    print(f"re-encode --max-side {a.max_side} --quality {a.quality}, {n_re} images: CLI {med['re_cli']:.2f} s, "
-          f"warm {med['re_api']:.2f} s = {re_rate:.0f} img/s; {bytes_re / 1e6:.0f} MB -> {re_out / 1e6:.0f} MB")
+    print(f"re-encode --max-side {a.max_side} --quality {a.quality}, {n_re} images: CLI {best['re_cli']:.2f} s, "
+          f"warm {best['re_api']:.2f} s = {re_rate:.0f} img/s; {bytes_re / 1e6:.0f} MB -> {re_out / 1e6:.0f} MB")
     print(f"ImageNet ({IMAGENET_IMAGES} images, ~{IMAGENET_IMAGES * mb / 1e3:.0f} GB) at these rates: tar cf "
           f"{res['imagenet_tar_min']:.0f} min, pass-through {res['imagenet_pass_min']:.0f} min, "
           f"re-encode {res['imagenet_reencode_h']:.1f} h (page-cache speed; a disk slower than this bounds all three)")

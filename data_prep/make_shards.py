@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""ImageNet (class-per-folder tree) to WebDataset shards; see fatscale/data/shards.py and README.
+"""ImageNet (class-per-folder tree) to WebDataset shards; see fatscale/prep/ and README.
 
     python data_prep/make_shards.py --src IMAGENET_ROOT --out SHARD_DIR
     python data_prep/make_shards.py --verify SHARD_DIR
@@ -12,7 +12,7 @@ if __name__ == "__main__":
     # Runnable as `python data_prep/make_shards.py` from a checkout without installing fatscale.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fatscale.data.shards import main  # noqa: E402
+from fatscale.prep.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

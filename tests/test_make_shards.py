@@ -1,4 +1,4 @@
-"""data_prep/make_shards.py: ImageNet trees to WebDataset shards (fatscale.data.shards).
+"""data_prep/make_shards.py: ImageNet trees to WebDataset shards (fatscale.prep).
 
 Most tests build tiny synthetic ImageFolder trees with Pillow in tmp_path; the ones marked
 ``real`` use ../shared/data/imagenet-sample when it is there and skip otherwise.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -23,7 +24,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from fatscale.data import shards as S
+from fatscale.data import shard_format
+from fatscale.prep import RunStopped, cli, encode, make, make_shards, verify, verify_shards
+from fatscale.prep.build import WorkerDied, run_tasks
+from fatscale.prep.encode import EncodeOptions
+from fatscale.prep.jpeg import inspect_jpeg
+from fatscale.prep.labels import class_names_for
+from fatscale.prep.plan import PlannedSample, ShardTask, cut_shards
+from fatscale.prep.state import STATE_DIR
 from fatscale.data.manifest import ManifestError, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +75,7 @@ def run(src, out, **kw):
     kw.setdefault("workers", 1)
     kw.setdefault("progress", False)
     kw.setdefault("log", None)
-    return S.make_shards(src, out, **kw)
+    return make_shards(src, out, **kw)
 
 
 def read_samples(out: Path, split: str) -> list[dict]:
@@ -100,7 +108,7 @@ def file_digests(out: Path) -> dict[str, str]:
 
 def cli_error(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
-        S.main(argv + ["--quiet", "--workers", "1"])
+        cli.main(argv + ["--quiet", "--workers", "1"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("make_shards: error: "), err
@@ -165,12 +173,12 @@ def test_shuffle_mixes_classes_and_follows_the_seed(tmp_path):
 def test_shard_size_bound_is_greedy_and_respected(tmp_path):
     src = make_tree(tmp_path / "src", per_class=6, val_per_class=0)
     sizes = sorted(p.stat().st_size for p in (src / "train").rglob("*.JPEG"))
-    bound = 4 * S.sample_tar_bytes(sizes[-1])  # 4 to 6 samples per shard
+    bound = 4 * shard_format.sample_tar_bytes(sizes[-1])  # 4 to 6 samples per shard
     m = run(src, tmp_path / "out", shard_size_mb=bound / 1e6)
     shards = m.splits["train"].shards
     assert len(shards) >= 3 and sum(s.num_samples for s in shards) == 18
     samples = read_samples(tmp_path / "out", "train")
-    est = [S.sample_tar_bytes(len(s["jpg"]), len(s["json"])) for s in samples]
+    est = [shard_format.sample_tar_bytes(len(s["jpg"]), len(s["json"])) for s in samples]
     i = 0
     for k, sh in enumerate(shards):
         in_shard = sum(est[i:i + sh.num_samples])
@@ -178,15 +186,15 @@ def test_shard_size_bound_is_greedy_and_respected(tmp_path):
         if k + 1 < len(shards):  # greedy: the next sample would not have fitted
             assert in_shard + est[i + sh.num_samples] > bound
         # the manifest's byte count is the tar's exact layout: samples + end blocks + padding
-        assert sh.bytes == in_shard + len(S._tar_end(in_shard)) and sh.bytes % S.TAR_RECORD == 0
+        assert sh.bytes == in_shard + len(shard_format._tar_end(in_shard)) and sh.bytes % shard_format.TAR_RECORD == 0
         i += sh.num_samples
 
 
 def test_cut_shards():
-    assert S.cut_shards([5, 5, 5, 5, 5], 10, None) == [range(0, 2), range(2, 4), range(4, 5)]
-    assert S.cut_shards([20, 1, 1], 10, None) == [range(0, 1), range(1, 3)]  # oversize sample alone
-    assert S.cut_shards([1] * 7, None, 3) == [range(0, 3), range(3, 6), range(6, 7)]
-    assert S.cut_shards([4] * 6, 10, 2) == [range(0, 2), range(2, 4), range(4, 6)]
+    assert cut_shards([5, 5, 5, 5, 5], 10, None) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert cut_shards([20, 1, 1], 10, None) == [range(0, 1), range(1, 3)]  # oversize sample alone
+    assert cut_shards([1] * 7, None, 3) == [range(0, 3), range(3, 6), range(6, 7)]
+    assert cut_shards([4] * 6, 10, 2) == [range(0, 2), range(2, 4), range(4, 6)]
 
 
 # --- real-world quirks -----------------------------------------------------------------------
@@ -223,7 +231,7 @@ def test_quirks_become_baseline_rgb_jpegs(tmp_path):
     assert m.splits["train"].skipped == []
     for name, why in expected.items():
         s = samples[name]
-        info = S.inspect_jpeg(s["jpg"])
+        info = inspect_jpeg(s["jpg"])
         assert info is not None and info.fast_path_blocker() is None, (name, info)
         with Image.open(io.BytesIO(s["jpg"])) as im:
             assert im.format == "JPEG" and im.mode == "RGB" and not im.info.get("progressive")
@@ -267,7 +275,7 @@ def test_undecodable_files_are_skipped_with_reasons(tmp_path, capsys):
     write(d / "README.txt", b"hello")
     (d / "dangling.JPEG").symlink_to(tmp_path / "nowhere.JPEG")
     write(src / "train" / "stray.JPEG", good)  # not inside a class folder
-    m = S.make_shards(src, tmp_path / "out", workers=1, progress=False)
+    m = make_shards(src, tmp_path / "out", workers=1, progress=False)
     reasons = {k.path: k.reason for k in m.splits["train"].skipped}
     p = f"train/{WNIDS[0]}/"
     assert set(reasons) == {p + "truncated.JPEG", p + "garbage.JPEG", p + "empty.JPEG", p + "README.txt",
@@ -294,14 +302,14 @@ def test_shard_whose_files_are_all_bad_is_left_out(tmp_path):
     assert m.splits["train"].num_samples == 2 and len(m.splits["train"].shards) == 2
     assert len(list((tmp_path / "out").glob("train-*.tar"))) == 2
     assert [k.path for k in m.splits["train"].skipped] == ["train/a/1.jpg"]
-    assert S.verify_shards(tmp_path / "out", workers=1, progress=False, log=None) == []
+    assert verify_shards(tmp_path / "out", workers=1, progress=False, log=None) == []
     again = run(src, tmp_path / "out", samples_per_shard=1, seed=0)  # resume: nothing to redo
     assert again.to_dict() == m.to_dict()
 
 
 def test_huge_images_are_downscaled_or_skipped(tmp_path, monkeypatch):
-    monkeypatch.setattr(S, "MAX_PIXELS", 1000)
-    monkeypatch.setattr(S, "HARD_MAX_PIXELS", 5000)
+    monkeypatch.setattr(encode, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(encode, "HARD_MAX_PIXELS", 5000)
     src = tmp_path / "src"
     write(src / "train" / "a" / "big.JPEG", jpeg_bytes(64, 48, seed=1))  # 3072 px
     write(src / "train" / "a" / "huge.png", jpeg_bytes(100, 80, seed=2, fmt="PNG"))  # 8000 px
@@ -334,7 +342,7 @@ def scan_start(jpg: bytes) -> int:
 
 def test_inspect_jpeg_never_raises_and_broken_headers_never_pass():
     good = jpeg_bytes(64, 48, seed=1)
-    assert S.inspect_jpeg(good).fast_path_blocker() is None
+    assert inspect_jpeg(good).fast_path_blocker() is None
     hostile = [
         HOSTILE_13, b"\xff\xd8\xff", b"\xff\xd8\xff\xc4", b"\xff\xd8\xff\xc0\x00",
         b"\xff\xd8" + b"\xff\xe0\x00\x00" * 3,  # zero-length segments
@@ -346,7 +354,7 @@ def test_inspect_jpeg_never_raises_and_broken_headers_never_pass():
     ]
     hostile += [good[:i] for i in range(3, len(good))]  # every truncation
     for data in hostile:
-        info = S.inspect_jpeg(data)
+        info = inspect_jpeg(data)
         assert info is None or info.fast_path_blocker() is not None, data[:40]
 
 
@@ -365,7 +373,7 @@ def test_bytes_that_pass_through_untouched_decode():
     variants += [good[:2] + bytes([0xFF, m]) + good[2:] for m in range(256)]  # any marker after SOI
     passed = 0
     for v in variants:
-        info = S.inspect_jpeg(v)
+        info = inspect_jpeg(v)
         if info is not None and info.fast_path_blocker() is None:
             passed += 1
             with Image.open(io.BytesIO(v)) as im:
@@ -397,14 +405,14 @@ def test_any_failure_caused_by_a_files_bytes_skips_that_file(tmp_path, monkeypat
     """The per-file boundary, for failures no parser fix foresaw (also during calibration)."""
     src = make_tree(tmp_path / "src", per_class=2, val_per_class=0)
     bad = write(src / "train" / WNIDS[1] / "bad.JPEG", jpeg_bytes(seed=99)).read_bytes()
-    inspect = S.inspect_jpeg
+    inspect = inspect_jpeg
 
     def failing_inspect(data):
         if data == bad:
             raise BYTES_FAULTS[name]
         return inspect(data)
 
-    monkeypatch.setattr(S, "inspect_jpeg", failing_inspect)
+    monkeypatch.setattr(encode, "inspect_jpeg", failing_inspect)
     m = run(src, tmp_path / "out", **mode)
     assert [(k.path, k.reason) for k in m.splits["train"].skipped] == [
         (f"train/{WNIDS[1]}/bad.JPEG", f"cannot decode ({name}: {BYTES_FAULTS[name]})")]
@@ -420,14 +428,14 @@ def test_a_failure_that_is_not_the_files_stops_the_run_and_a_rerun_retries_the_f
     victim = write(src / "train" / WNIDS[1] / "victim.png", jpeg_bytes(77, 55, seed=5, fmt="PNG"))
     data, rel = victim.read_bytes(), f"train/{WNIDS[1]}/victim.png"
     if fault == "vanished":  # a real read error: the file goes away between the scan and the read
-        scan = S.scan_source
+        scan = make.scan_source
 
         def scan_then_remove(*a, **kw):
             found = scan(*a, **kw)
             victim.unlink()
             return found
 
-        monkeypatch.setattr(S, "scan_source", scan_then_remove)
+        monkeypatch.setattr(make, "scan_source", scan_then_remove)
     else:
         load = ImageFile.ImageFile.load
 
@@ -440,13 +448,13 @@ def test_a_failure_that_is_not_the_files_stops_the_run_and_a_rerun_retries_the_f
     out = tmp_path / "out"
     argv = ["--src", str(src), "--out", str(out), "--quiet", "--workers", "1", "--samples-per-shard", "2"]
     with pytest.raises(SystemExit) as e:
-        S.main(argv)
+        cli.main(argv)
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("make_shards: error: "), err
     assert str(victim) in err and "run the same command again" in err
     assert not (out / "manifest.json").exists()
-    records = [json.loads(p.read_text()) for p in (out / S.STATE_DIR).glob("*-*.json")]
+    records = [json.loads(p.read_text()) for p in (out / STATE_DIR).glob("*-*.json")]
     assert all(k["path"] != rel for r in records for k in r["skipped"])  # not recorded as done
     monkeypatch.undo()
     victim.write_bytes(data)
@@ -462,13 +470,13 @@ def test_file_names_that_are_not_utf8(tmp_path, capsys):
         with open(d + b"/" + name, "wb") as f:
             f.write(data)
     out = tmp_path / "out"
-    S.main(["--src", str(src), "--out", str(out), "--quiet", "--workers", "1"])
+    cli.main(["--src", str(src), "--out", str(out), "--quiet", "--workers", "1"])
     assert f"skipped train/{WNIDS[0]}/\\udcff.JPEG: cannot decode" in capsys.readouterr().out
     m = load_manifest(out)
     assert [os.fsencode(k.path) for k in m.splits["train"].skipped] == [f"train/{WNIDS[0]}/".encode() + b"\xff.JPEG"]
     sources = [os.fsencode(s["meta"]["source"]) for s in read_samples(out, "train")]
     assert sources.count(WNIDS[0].encode() + b"/caf\xe9.JPEG") == 1 and len(sources) == 4
-    assert S.verify_shards(out, workers=1, progress=False, log=None) == []
+    assert verify_shards(out, workers=1, progress=False, log=None) == []
 
 
 def test_symlinked_trees(tmp_path):
@@ -606,7 +614,7 @@ def test_a_second_run_on_the_same_out_is_refused_while_one_runs(tmp_path, capsys
     src = make_tree(tmp_path / "src", per_class=1, val_per_class=0)
     out = tmp_path / "out"
     run(src, out)
-    with open(out / S.STATE_DIR / "lock") as f:
+    with open(out / STATE_DIR / "lock") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         err = cli_error(["--src", str(src), "--out", str(out)], capsys)
     assert "another make_shards is writing to" in err
@@ -615,7 +623,7 @@ def test_a_second_run_on_the_same_out_is_refused_while_one_runs(tmp_path, capsys
 # --- resume ----------------------------------------------------------------------------------
 
 
-def test_resume_after_a_crash_is_byte_identical(tmp_path, monkeypatch):
+def test_resume_after_a_crash_is_byte_identical(tmp_path):
     src = make_tree(tmp_path / "src", per_class=6, val_per_class=3)
     kw = dict(samples_per_shard=2, seed=3)
     ref = tmp_path / "ref"
@@ -633,12 +641,10 @@ def test_resume_after_a_crash_is_byte_identical(tmp_path, monkeypatch):
             raise Crash
 
     out = tmp_path / "out"
-    monkeypatch.setattr(S, "_after_shard", crash_after_three)
     with pytest.raises(Crash):
-        run(src, out, workers=2, **kw)  # the parent plus one child process
-    monkeypatch.undo()
+        run(src, out, workers=2, on_shard=crash_after_three, **kw)  # the parent plus one child process
     assert not (out / "manifest.json").exists()
-    committed = [json.loads(p.read_text()) for p in (out / S.STATE_DIR).glob("*-*.json")]
+    committed = [json.loads(p.read_text()) for p in (out / STATE_DIR).glob("*-*.json")]
     done = {r["path"]: (out / r["path"]).stat() for r in committed}
     done = {name: (st.st_ino, st.st_mtime_ns) for name, st in done.items()}
     assert 3 <= len(done) < 14
@@ -659,13 +665,13 @@ def test_resume_after_a_crash_is_byte_identical(tmp_path, monkeypatch):
     assert f"kept {len(done)} from an earlier run" in logs[0]
     assert m.splits["train"].num_samples == 18 and m.splits["val"].num_samples == 9
     # a state record lost: that shard is rewritten, with the same bytes
-    (out / S.STATE_DIR / "val-000001.json").unlink()
+    (out / STATE_DIR / "val-000001.json").unlink()
     (out / "val-000002.idx").unlink()
     run(src, out, workers=1, log=logs.append, **kw)
     assert any("wrote 2 shard(s), kept 12" in line for line in logs[-4:])
     assert file_digests(out) == file_digests(ref)
     # a record of another plan (e.g. a calibration that came out differently) is not trusted
-    rec_path = out / S.STATE_DIR / "train-000004.json"
+    rec_path = out / STATE_DIR / "train-000004.json"
     rec = json.loads(rec_path.read_text())
     rec_path.write_text(json.dumps(rec | {"digest": "0" * 64}))
     before = (out / "train-000004.tar").stat().st_ino
@@ -682,14 +688,14 @@ def test_a_dead_worker_is_reported_not_waited_for(tmp_path):
     import time
 
     out = tmp_path / "out"
-    (out / S.STATE_DIR).mkdir(parents=True)
+    (out / STATE_DIR).mkdir(parents=True)
     fifo = tmp_path / "fifo.JPEG"  # the scan skips FIFOs; a hand-made task does not
     os.mkfifo(fifo)
     good = write(tmp_path / "good.JPEG", jpeg_bytes())
 
     def task(i, path):
-        return S.ShardTask("train", i, str(out), [S.PlannedSample(f"{i:08d}_x", "a/x.JPEG", str(path), 0)],
-                           {0: "a"}, S.EncodeOptions(), f"d{i}")
+        return ShardTask("train", i, str(out), [PlannedSample(f"{i:08d}_x", "a/x.JPEG", str(path), 0)],
+                         {0: "a"}, EncodeOptions(), f"d{i}")
 
     tasks = [task(0, fifo)] + [task(i, good) for i in range(1, 4)]  # the child gets shard 0 first
     killed = []
@@ -707,8 +713,8 @@ def test_a_dead_worker_is_reported_not_waited_for(tmp_path):
     th = threading.Thread(target=kill_child, daemon=True)
     th.start()
     t = time.monotonic()
-    with pytest.raises(S.WorkerDied, match=r"a worker process died \(exit code -9\)") as e:
-        S._run_tasks(tasks, workers=2, n_todo=4, progress=False, records={})
+    with pytest.raises(WorkerDied, match=r"a worker process died \(exit code -9\)") as e:
+        run_tasks(tasks, workers=2, n_todo=4, progress=False, records={})
     assert f"while processing {fifo};" in str(e.value)  # the file it died on
     assert killed and time.monotonic() - t < 30
     # the child held shards 0 and 1; this process built the others meanwhile
@@ -731,9 +737,9 @@ def test_tar_header_is_tarfiles():
     for _ in range(200):
         name = "".join(rng.choice("abcXYZ019_-") for _ in range(rng.randint(1, 100)))
         size = rng.choice([0, 1, 511, 512, 513, rng.randint(0, 8**11 - 1)])
-        assert S._tar_header(name, size) == S._tarfile_header(name, size)
+        assert shard_format._tar_header(name, size) == shard_format._tarfile_header(name, size)
     with pytest.raises(ValueError):
-        S._tar_header("x" * 101, 5)
+        shard_format._tar_header("x" * 101, 5)
 
 
 def test_shards_are_byte_identical_to_webdataset_tarwriter(tmp_path):
@@ -763,7 +769,7 @@ def test_index_files_equal_dalis_wds2idx(tmp_path):
             ic.create_index()
         ours = (tmp_path / "out" / sh.index).read_text()
         assert ours == ref.read_text()
-        assert ours == S.index_from_tar(tar)
+        assert ours == shard_format.index_from_tar(tar)
         assert ours.startswith(f"v1.2 {sh.num_samples}\n")
     if shutil.which("wds2idx"):  # and the command-line tool itself
         sh = m.splits["train"].shards[0]
@@ -858,9 +864,9 @@ def test_verify_passes_and_catches_corruption(tmp_path, capsys):
     src = make_tree(tmp_path / "src", per_class=2, val_per_class=1)
     out = tmp_path / "out"
     m = run(src, out, samples_per_shard=3)
-    assert S.verify_shards(out, workers=2, progress=False, log=None) == []
+    assert verify_shards(out, workers=2, progress=False, log=None) == []
     with pytest.raises(SystemExit) as e:
-        S.main(["--verify", str(out), "--quiet", "--workers", "1"])
+        cli.main(["--verify", str(out), "--quiet", "--workers", "1"])
     assert e.value.code == 0 and "verify: OK, 3 shards, 9 samples" in capsys.readouterr().out
 
     sh = m.splits["train"].shards[1]
@@ -870,12 +876,12 @@ def test_verify_passes_and_catches_corruption(tmp_path, capsys):
     data[jpg_off: jpg_off + 2] = b"\0\0"  # break the JPEG's SOI marker
     (out / sh.path).write_bytes(bytes(data))
     write(out / "train-000099.tar", b"")
-    problems = S.verify_shards(out, workers=1, progress=False, log=None)
+    problems = verify_shards(out, workers=1, progress=False, log=None)
     assert any(p.startswith(f"train/{sh.path}: sha256 is ") for p in problems)
     assert any(f"train/{sh.path}: sample" in p and "not a baseline RGB JPEG (not a JPEG)" in p for p in problems)
     assert "train-000099.tar: not listed in manifest.json" in problems
     with pytest.raises(SystemExit) as e:
-        S.main(["--verify", str(out), "--quiet", "--workers", "1"])
+        cli.main(["--verify", str(out), "--quiet", "--workers", "1"])
     assert e.value.code == 1
 
     mj = json.loads((out / "manifest.json").read_text())
@@ -894,13 +900,13 @@ def test_verify_catches_wrong_labels_and_counts(tmp_path):
     sh = m.splits["train"].shards[0]
     samples = read_samples(out, "train")
     # rewrite the shard with a wrong label on the first sample and one sample missing
-    w = S.ShardWriter(out / sh.path)
+    w = shard_format.ShardWriter(out / sh.path)
     for i, s in enumerate(samples[:-1]):
         cls = (b"2" if s["label"] != 2 else b"1") if i == 0 else s["cls"]
         w.write(s["key"], [("cls", cls), ("jpg", s["jpg"]), ("json", s["json"])])
     w.finish()
-    (out / sh.index).write_text(S.index_from_tar(out / sh.path))
-    problems = S.verify_shards(out, workers=1, progress=False, log=None)
+    (out / sh.index).write_text(shard_format.index_from_tar(out / sh.path))
+    problems = verify_shards(out, workers=1, progress=False, log=None)
     assert any(f"sample {samples[0]['key']}: label" in p and "json says wnid" in p for p in problems)
     assert any(p.endswith("holds 5 samples, manifest says 6") for p in problems)
 
@@ -908,16 +914,16 @@ def test_verify_catches_wrong_labels_and_counts(tmp_path):
 def test_verify_reports_an_unforeseen_failure_in_one_line_and_stops_on_memory(tmp_path, monkeypatch):
     out = tmp_path / "out"
     run(make_tree(tmp_path / "src", per_class=1, val_per_class=0), out)
-    monkeypatch.setattr(S, "inspect_jpeg", lambda data: data[len(data)])  # the issue's IndexError
-    assert S.verify_shards(out, workers=1, progress=False, log=None) == [
+    monkeypatch.setattr(verify, "inspect_jpeg", lambda data: data[len(data)])  # the issue's IndexError
+    assert verify_shards(out, workers=1, progress=False, log=None) == [
         "train/train-000000.tar: cannot be checked (IndexError: index out of range)"]
 
     def out_of_memory(data):
         raise MemoryError
 
-    monkeypatch.setattr(S, "inspect_jpeg", out_of_memory)
-    with pytest.raises(S.RunStopped, match=r"^--verify .*train-000000\.tar: out of memory; run --verify again$"):
-        S.verify_shards(out, workers=1, progress=False, log=None)
+    monkeypatch.setattr(verify, "inspect_jpeg", out_of_memory)
+    with pytest.raises(RunStopped, match=r"^--verify .*train-000000\.tar: out of memory; run --verify again$"):
+        verify_shards(out, workers=1, progress=False, log=None)
 
 
 def _die(job):
@@ -929,11 +935,11 @@ def test_verify_reports_a_dead_worker_in_one_line(tmp_path, monkeypatch):
 
     out = tmp_path / "out"
     run(make_tree(tmp_path / "src", per_class=1, val_per_class=0), out, samples_per_shard=1)
-    monkeypatch.setattr(S, "_mp_context", lambda: multiprocessing.get_context("fork"))  # workers see the patch:
-    monkeypatch.setattr(S, "_verify_shard", _die)  # a worker killed on its first shard
-    with pytest.raises(S.RunStopped, match=r"^a --verify worker process died \(killed, out of memory...\); "
+    monkeypatch.setattr(verify, "mp_context", lambda: multiprocessing.get_context("fork"))  # workers see the patch:
+    monkeypatch.setattr(verify, "_verify_shard", _die)  # a worker killed on its first shard
+    with pytest.raises(RunStopped, match=r"^a --verify worker process died \(killed, out of memory...\); "
                                            r"run --verify again$"):
-        S.verify_shards(out, workers=2, progress=False, log=None)
+        verify_shards(out, workers=2, progress=False, log=None)
 
 
 # --- CLI shell and real ImageNet files -------------------------------------------------------
@@ -956,14 +962,14 @@ def test_cli_script_from_repo_root(tmp_path):
 def test_class_names_come_from_timms_public_imagenet_info(monkeypatch):
     from timm.data import ImageNetInfo
 
-    names = S.class_names_for(["n01440764", "n02123045", "n99999999", "not_a_wnid"])
+    names = class_names_for(["n01440764", "n02123045", "n99999999", "not_a_wnid"])
     assert names[0] == "tench, Tinca tinca" and names[1].startswith("tabby")
     assert names[2:] == ["n99999999", "not_a_wnid"]  # unknown to timm: the folder's name
     info = ImageNetInfo()
-    assert S.class_names_for(info.label_names()) == info.label_descriptions()
+    assert class_names_for(info.label_names()) == info.label_descriptions()
     # timm's API, not its data files: what it answers is what the manifest gets
     monkeypatch.setattr(ImageNetInfo, "label_name_to_description", lambda self, label, detailed=False: label.upper())
-    assert S.class_names_for(["n01440764"]) == ["N01440764"]
+    assert class_names_for(["n01440764"]) == ["N01440764"]
 
 
 @pytest.fixture
@@ -992,7 +998,7 @@ def test_real_imagenet_files(real_tree, tmp_path):
     out = tmp_path / "out"
     m = run(root, out, val_labels=labels, workers=2, shard_size_mb=4)
     assert m.classes == sorted(f.name.split("_")[0] for f in files)
-    synsets = (Path(S.importlib.util.find_spec("timm").submodule_search_locations[0])
+    synsets = (Path(importlib.util.find_spec("timm").submodule_search_locations[0])
                / "data" / "_info" / "imagenet_synsets.txt").read_text().split()
     assert m.classes == synsets[:120]  # the order every ImageNet checkpoint uses
     assert m.class_names[0] == "tench, Tinca tinca"
@@ -1002,11 +1008,11 @@ def test_real_imagenet_files(real_tree, tmp_path):
     n_passed = 0
     for s in read_samples(out, "train"):
         orig = by_name[s["meta"]["source"].split("/")[1]].read_bytes()
-        assert S.inspect_jpeg(s["jpg"]).fast_path_blocker() is None
+        assert inspect_jpeg(s["jpg"]).fast_path_blocker() is None
         if s["meta"]["changes"] == []:
             assert s["jpg"] == orig
             n_passed += 1
         else:
             assert s["meta"]["changes"] in (["grayscale JPEG"], ["EXIF orientation reset"], ["CMYK JPEG"])
     assert n_passed >= 110
-    assert S.verify_shards(out, workers=1, progress=False, log=None) == []
+    assert verify_shards(out, workers=1, progress=False, log=None) == []

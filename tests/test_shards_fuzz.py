@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fatscale.data import shards as S
+from fatscale.data import shard_format
 from fatscale.data.manifest import ShardInfo, load_manifest, write_manifest
+from fatscale.prep import make_shards
+from fatscale.prep.state import STATE_DIR
 from test_make_shards import HOSTILE_13, WNIDS, flip, jpeg_bytes, read_samples, scan_start, write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +185,7 @@ def test_verify_reports_each_malformed_shard_in_one_line(tmp_path):
     for i in range(2):
         write(src / "train" / WNIDS[0] / f"{i}.JPEG", jpeg_bytes(seed=i))
     out = tmp_path / "out"
-    S.make_shards(src, out, workers=1, progress=False, log=None)
+    make_shards(src, out, workers=1, progress=False, log=None)
     good = read_samples(out, "train")[0]
     keys = itertools.count(90_000_000)  # unique in the split
 
@@ -244,7 +246,7 @@ def test_verify_reports_each_malformed_shard_in_one_line(tmp_path):
             write(out / path, tar)
         if index is None:
             try:
-                index = S.index_from_tar(out / path).encode("utf-8", "surrogateescape")
+                index = shard_format.index_from_tar(out / path).encode("utf-8", "surrogateescape")
             except (tarfile.TarError, OSError):
                 index = b"v1.2 0\n"
         if index is fifo:
@@ -277,7 +279,7 @@ def test_verify_reports_each_malformed_shard_in_one_line(tmp_path):
 OOM_PREFIX = """
 import resource, sys
 sys.path.insert(0, ".")
-import fatscale.data.shards as S, tqdm, PIL.Image
+import fatscale.prep.cli as S, tqdm, PIL.Image, timm.data  # timm: the class names of wnids
 PIL.Image.init()
 vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
 resource.setrlimit(resource.RLIMIT_AS, (vm + (40 << 20), resource.RLIM_INFINITY))
@@ -305,7 +307,7 @@ def test_out_of_memory_stops_the_run_naming_the_file_and_a_rerun_retries_it(tmp_
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"make_shards: error: {big}: out of memory"), r.stderr
     assert "run the same command again to resume" in r.stderr
     assert not (out / "manifest.json").exists()
-    records = [json.loads(p.read_text()) for p in (out / S.STATE_DIR).glob("*-*.json")]
+    records = [json.loads(p.read_text()) for p in (out / STATE_DIR).glob("*-*.json")]
     assert not any(k["path"].endswith(big.name) for rec in records for k in rec["skipped"])
 
     r = make_shards_cli(*args)  # no limit: the resume retries the file
@@ -325,7 +327,7 @@ def test_out_of_memory_stops_the_run_naming_the_file_and_a_rerun_retries_it(tmp_
 FSIZE_PREFIX = """
 import resource, signal, sys
 sys.path.insert(0, ".")
-import fatscale.data.shards as S
+import fatscale.prep.cli as S
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, resource.RLIM_INFINITY))
 S.main(sys.argv[1:])
@@ -343,7 +345,7 @@ def test_a_full_disk_stops_the_run_naming_the_shard_and_a_rerun_finishes(tmp_pat
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr == (f"make_shards: error: cannot write train-000000 in {out}: File too large; "
                         f"run the same command again to resume\n")
-    assert not list((out / S.STATE_DIR).glob("train-*.json")) and not list(out.glob("*.tar"))
+    assert not list((out / STATE_DIR).glob("train-*.json")) and not list(out.glob("*.tar"))
     r = make_shards_cli(*args)
     assert r.returncode == 0, r.stderr
     assert load_manifest(out).splits["train"].num_samples == 6

@@ -37,7 +37,7 @@ from PIL import Image  # noqa: E402
 import fatscale  # noqa: E402,F401
 from fatscale.data.loader import AugConfig, DataConfig, TrainLoader, ValLoader  # noqa: E402
 from fatscale.data.manifest import load_manifest  # noqa: E402
-from fatscale.data.shards import make_shards  # noqa: E402
+from fatscale.prep import make_shards  # noqa: E402
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 THUMB = 16

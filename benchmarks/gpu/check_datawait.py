@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
-    from fatscale.data.shards import make_shards
+    from fatscale.prep import make_shards
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fatscale-datawait-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fatscale.atomic import write_atomic
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "fatscale-shards/1"
 
@@ -136,25 +138,10 @@ class Manifest:
             "splits": {name: s.to_dict() for name, s in self.splits.items()},
         }
 
-    @classmethod
-    def from_dict(cls, d: Any, where: str = MANIFEST_NAME) -> Manifest:
-        return _parse(d, where)
-
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, fsync: bool = True) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary name and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``obj`` as JSON to ``path``, atomically (fatscale.atomic)."""
+    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8"), fsync)
 
 
 def write_manifest(shard_dir: str | os.PathLike, manifest: Manifest) -> Path:

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
+from fatscale.data.shard_format import Index
+
 
 @dataclass(frozen=True)
 class QuarantinedSample:
@@ -74,38 +76,27 @@ def parse_source_info(info: bytes) -> tuple[str, int, str]:
 
 def read_member(tar_path: str, offset: int, index_path: str) -> bytes:
     """The bytes of the tar member at ``offset``, its size taken from the DALI index."""
-    for line in Path(index_path).read_text().splitlines()[1:]:
-        fields = line.split()
-        for i in range(0, len(fields), 4):
-            if int(fields[i + 1]) == offset:
-                with open(tar_path, "rb") as f:
-                    f.seek(offset)
-                    return f.read(int(fields[i + 2]))
-    raise RuntimeError(f"{index_path}: no member at offset {offset} of {tar_path}")
-
-
-def _entry_key(fields: list[str]) -> str:
-    return fields[3].split(".", 1)[0]  # fields: ext offset size name, repeated per component
+    member = Index.parse(Path(index_path).read_text()).member_at(offset)
+    if member is None:
+        raise RuntimeError(f"{index_path}: no member at offset {offset} of {tar_path}")
+    with open(tar_path, "rb") as f:
+        f.seek(offset)
+        return f.read(member.size)
 
 
 def write_patched_index(index_path: str, keys: dict[str, str], out_dir: Path) -> str:
     """Copy of the DALI index at ``index_path`` whose samples in ``keys`` (key -> reason) read
     the bytes of the nearest earlier (else later) healthy sample. Returns the new path."""
-    lines = Path(index_path).read_text().splitlines()
-    header, entries = lines[0], [line.split() for line in lines[1:] if line.strip()]
-    healthy = [i for i, fields in enumerate(entries) if _entry_key(fields) not in keys]
+    index = Index.parse(Path(index_path).read_text())
+    healthy = [i for i, sample in enumerate(index.samples) if sample[0].key not in keys]
     if not healthy:
         raise RuntimeError(f"{index_path}: every sample is undecodable ({sorted(keys)})")
-    patched = []
-    for i, fields in enumerate(entries):
-        key = _entry_key(fields)
+    for i, sample in enumerate(index.samples):
+        key = sample[0].key
         if key in keys:
-            donor = entries[max((j for j in healthy if j < i), default=min(healthy))]
-            fields = [
-                part if n % 4 != 3 else f"{key}.{part.split('.', 1)[1]}"  # keep the own key, donor bytes
-                for n, part in enumerate(donor)
-            ]
-        patched.append(" ".join(fields))
+            donor = index.samples[max((j for j in healthy if j < i), default=min(healthy))]
+            # the donor's bytes under the own key
+            index.samples[i] = tuple(m._replace(name=f"{key}.{m.name.split('.', 1)[1]}") for m in donor)
     out = out_dir / os.path.basename(index_path)
-    out.write_text("\n".join([header, *patched]) + "\n")
+    out.write_text(index.text())
     return str(out)
