@@ -5,8 +5,13 @@
 Sections (every key optional except where a default cannot exist: ``model.name``, ``data.shards``
 and ``train.epochs``): ``model``, ``data``, ``aug``, ``train``, ``optim``, ``ema``,
 ``checkpoint``, ``tracking``, ``slurm``, and top-level ``output_dir``, ``seed``. The schema is the
-dataclasses below (``data`` and ``aug`` are the loader's own ``DataConfig``/``AugConfig``).
-Unknown keys, wrong types and out-of-range values fail with one line naming the file and key.
+dataclasses below: each key is a ``setting`` with its default and the check its value must pass,
+side by side; a section's checks across keys are its ``_check_together``. Every section checks
+itself when it is made, so a ``DataConfig`` or ``AugConfig`` in hand is a valid one. Unknown keys,
+wrong types and out-of-range values fail with one line naming the file and key.
+
+Importing this module imports neither torch, timm nor DALI: a ``model.name`` that is not one of
+fatscale's own variants (fatscale.variants) is looked up in timm, which only then is imported.
 """
 
 from __future__ import annotations
@@ -17,167 +22,61 @@ import re
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
-import fatscale  # noqa: F401  (registers the FAT models with timm)
-import timm
-
-from fatscale.data.loader import DECODE_DEVICES, AugConfig, DataConfig, train_steps_per_epoch
 from fatscale.data.manifest import Manifest, ManifestError, load_manifest
-from fatscale.data.rand_augment import WARP_INTERPS, RandAugmentSpec
+from fatscale.data.rand_augment_spec import WARP_INTERP_NAMES, RandAugmentSpec
+from fatscale.variants import VARIANTS
 
 
 class RecipeError(ValueError):
     """A recipe or override that cannot be used (one-line message naming file and key)."""
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str
-    num_classes: int | None = None  # None: the number of classes in the shards' manifest
-    drop_path: float | None = None  # None: the variant's default (.05/.1/.1/.15 for B0..B3)
-    bidirectional: bool = False
-    grad_checkpointing: tuple[int, ...] = ()  # stages to recompute in backward
-    compile: bool = False
+# A check: what is wrong with a value (the message after "key: "), or None when it is fine.
+Check = Callable[[Any], "str | None"]
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int
-    batch_per_device: int = 128
-    val_batch_per_device: int = 256
-    grad_accum: int = 1
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    zero_stage: Literal[0, 1, 2] = 0
-    grad_clip: float = 5.0  # 0: off
-    sync_bn: bool = True  # SyncBatchNorm when the world size is above 1
-    log_every: int = 50  # steps
-    eval_every: int = 1  # epochs
-    deterministic: bool = False  # torch deterministic algorithms (bitwise-reproducible on CPU)
-    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs, tests)
+def must(test: Callable[[Any], bool], what: str) -> Check:
+    return lambda value: None if test(value) else f"must be {what}, got {value!r}"
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 5e-4  # for a global batch of lr_base_batch; scaled linearly
-    lr_base_batch: int = 512
-    weight_decay: float = 0.05  # none on norms, biases and other 1-D parameters
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_epochs: float = 20
-    warmup_lr: float = 5e-7
-    min_lr: float = 5e-6
+def at_least(low: int) -> Check:
+    return must(lambda v: v >= low, f"at least {low}")
 
 
-@dataclass(frozen=True)
-class EmaConfig:
-    enabled: bool = True
-    decay: float = 0.9998
-    warmup: bool = False  # timm ModelEmaV3's decay warmup
+POSITIVE = must(lambda v: v > 0, "positive")
+NON_NEGATIVE = must(lambda v: v >= 0, "non-negative")
+PROBABILITY = must(lambda v: 0 <= v <= 1, "a probability")
+BELOW_ONE = must(lambda v: 0 <= v < 1, "in [0, 1)")
 
 
-@dataclass(frozen=True)
-class CheckpointConfig:
-    every_steps: int | None = None
-    every_minutes: float | None = 30.0
-    keep_last: int = 2
-    keep_best: bool = True
+def setting(default: Any = dataclasses.MISSING, check: Check | None = None, *, factory: Any = dataclasses.MISSING):
+    """A recipe key: its default (none given: required) and the check its value must pass once its
+    type is right. None, where the type allows it, means "not set" and is not checked."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"check": check} if check else {})
 
 
-@dataclass(frozen=True)
-class TrackingConfig:
-    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in output_dir
-    experiment: str = "fatscale"
-    run_name: str | None = None  # None: the recipe file's stem
-    system_metrics: bool = True
+class _Section:
+    """A recipe section: checks each key against its ``setting`` check when made, then the
+    section's ``_check_together``. Messages name the key within the section; ``_build`` adds the
+    section's path."""
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check, value = f.metadata.get("check"), getattr(self, f.name)
+            if check is not None and value is not None:
+                problem = check(value)
+                if problem:
+                    raise RecipeError(f"{f.name}: {problem}")
+        self._check_together()
 
-@dataclass(frozen=True)
-class SlurmConfig:
-    nodes: int = 1
-    gpus_per_node: int = 8
-    tasks_per_node: int | None = None  # None: gpus_per_node (one task per GPU); CPU nodes: set it
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str = "2-00:00:00"
-    cpus_per_task: int = 10
-    mem: str | None = None
-    constraint: str | None = None
-    exclusive: bool = False
-    max_requeues: int = 20
-
-
-@dataclass(frozen=True)
-class Recipe:
-    model: ModelConfig
-    data: DataConfig
-    train: TrainConfig
-    aug: AugConfig = field(default_factory=AugConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    ema: EmaConfig = field(default_factory=EmaConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    output_dir: str = "outputs/run"
-    seed: int = 0
-
-
-# Ranges checked after types: (key, test, what it must be).
-_RANGES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
-    ("model.name", lambda v: timm.is_model(v), "a timm model (fat_b0 .. fat_b3)"),
-    ("model.num_classes", lambda v: v is None or v > 0, "positive"),
-    ("model.drop_path", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
-    ("model.grad_checkpointing", lambda v: all(0 <= s <= 3 for s in v), "stage indices 0..3"),
-    ("data.img_size", lambda v: v >= 32, "at least 32"),
-    ("data.crop_pct", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("data.num_threads", lambda v: v >= 1, "at least 1"),
-    ("data.decode_device", lambda v: v in DECODE_DEVICES, "auto, mixed or cpu"),
-    ("data.shuffle_buffer", lambda v: v >= 1, "at least 1"),
-    ("data.prefetch", lambda v: v >= 1, "at least 1"),
-    ("aug.scale", lambda v: 0 < v[0] <= v[1] <= 1, "0 < min <= max <= 1"),
-    ("aug.ratio", lambda v: 0 < v[0] <= v[1], "0 < min <= max"),
-    ("aug.hflip", lambda v: 0 <= v <= 1, "a probability"),
-    ("aug.rand_augment_interp", lambda v: v == "auto" or v in WARP_INTERPS, "auto, nearest or linear"),
-    ("aug.color_jitter", lambda v: v >= 0, "non-negative"),
-    ("aug.reprob", lambda v: 0 <= v <= 1, "a probability"),
-    ("aug.mixup", lambda v: v >= 0, "non-negative"),
-    ("aug.cutmix", lambda v: v >= 0, "non-negative"),
-    ("aug.mixup_prob", lambda v: 0 <= v <= 1, "a probability"),
-    ("aug.mixup_switch_prob", lambda v: 0 <= v <= 1, "a probability"),
-    ("aug.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("train.epochs", lambda v: v >= 1, "at least 1"),
-    ("train.batch_per_device", lambda v: v >= 1, "at least 1"),
-    ("train.val_batch_per_device", lambda v: v >= 1, "at least 1"),
-    ("train.grad_accum", lambda v: v >= 1, "at least 1"),
-    ("train.grad_clip", lambda v: v >= 0, "non-negative"),
-    ("train.log_every", lambda v: v >= 1, "at least 1"),
-    ("train.eval_every", lambda v: v >= 1, "at least 1"),
-    ("train.max_steps", lambda v: v is None or v >= 1, "at least 1"),
-    ("optim.lr", lambda v: v > 0, "positive"),
-    ("optim.lr_base_batch", lambda v: v >= 1, "at least 1"),
-    ("optim.weight_decay", lambda v: v >= 0, "non-negative"),
-    ("optim.betas", lambda v: all(0 <= b < 1 for b in v), "in [0, 1)"),
-    ("optim.eps", lambda v: v > 0, "positive"),
-    ("optim.warmup_epochs", lambda v: v >= 0, "non-negative"),
-    ("optim.warmup_lr", lambda v: v >= 0, "non-negative"),
-    ("optim.min_lr", lambda v: v >= 0, "non-negative"),
-    ("ema.decay", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("checkpoint.every_steps", lambda v: v is None or v >= 1, "at least 1"),
-    ("checkpoint.every_minutes", lambda v: v is None or v > 0, "positive"),
-    ("checkpoint.keep_last", lambda v: v >= 1, "at least 1"),
-    ("slurm.nodes", lambda v: v >= 1, "at least 1"),
-    ("slurm.gpus_per_node", lambda v: v >= 0, "non-negative"),
-    ("slurm.tasks_per_node", lambda v: v is None or v >= 1, "at least 1"),
-    ("slurm.cpus_per_task", lambda v: v >= 1, "at least 1"),
-    ("slurm.time", lambda v: slurm_minutes(v) is not None, "a Slurm time limit (minutes, HH:MM:SS, D-HH:MM:SS, ...)"),
-    ("slurm.mem", lambda v: v is None or re.fullmatch(r"\d+[KMGT]?", v) is not None, "a Slurm memory size (e.g. 400G)"),
-    ("slurm.max_requeues", lambda v: v >= 0, "non-negative"),
-]
+    def _check_together(self) -> None:
+        """Checks across the section's keys (RecipeError)."""
 
 
 def slurm_minutes(limit: str) -> int | None:
@@ -194,6 +93,176 @@ def slurm_minutes(limit: str) -> int | None:
     else:  # M or M:S
         seconds = int(first) * 60 + int(second or 0)
     return -(-seconds // 60) or None  # 0 means "no limit" to Slurm: a recipe names one
+
+
+def train_steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Batches per rank and epoch, the same on every rank (fatscale.data.loader's docstring, "Epochs")."""
+    return (num_samples // world_size) // batch_size
+
+
+def _model_name(name: str) -> str | None:
+    if name in VARIANTS:
+        return None
+    import timm  # only for a name that is not fatscale's: seconds to import (fatscale's models register with it)
+
+    return None if timm.is_model(name) else f"must be a timm model ({VARIANTS[0]} .. {VARIANTS[-1]}), got {name!r}"
+
+
+def _rand_augment(config: str) -> str | None:
+    if not config:  # "" is off, as null is
+        return None
+    try:
+        RandAugmentSpec(config)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+DECODE_DEVICES = ("auto", "mixed", "cpu")
+STAGES = 4  # of every FAT variant
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    name: str = setting(check=_model_name)
+    num_classes: int | None = setting(None, POSITIVE)  # None: the number of classes in the shards' manifest
+    drop_path: float | None = setting(None, BELOW_ONE)  # None: the variant's (fatscale.variants: .05/.1/.1/.15)
+    bidirectional: bool = False
+    grad_checkpointing: tuple[int, ...] = setting(  # stages to recompute in backward
+        (), must(lambda v: all(0 <= s < STAGES for s in v), f"stage indices 0..{STAGES - 1}"))
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Where the shards are and how the loader runs (the recipe's ``data`` section)."""
+
+    shards: str
+    img_size: int = setting(224, at_least(32))
+    crop_pct: float = setting(0.875, must(lambda v: 0 < v <= 1, "in (0, 1]"))
+    num_threads: int = setting(4, at_least(1))
+    decode_device: str = setting("auto", must(lambda v: v in DECODE_DEVICES, "auto, mixed or cpu"))
+    shuffle_buffer: int = setting(4096, at_least(1))
+    prefetch: int = setting(2, at_least(1))
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class AugConfig(_Section):
+    """Train-time augmentation (the recipe's ``aug`` section); FAT's official setup by default."""
+
+    scale: tuple[float, float] = setting((0.08, 1.0), must(lambda v: 0 < v[0] <= v[1] <= 1, "0 < min <= max <= 1"))
+    ratio: tuple[float, float] = setting((3 / 4, 4 / 3), must(lambda v: 0 < v[0] <= v[1], "0 < min <= max"))
+    hflip: float = setting(0.5, PROBABILITY)
+    rand_augment: str | None = setting("rand-m9-mstd0.5-inc1", _rand_augment)  # timm's rand-* strings
+    rand_augment_interp: str = setting(  # its rotate/shear/translate: auto | nearest | linear
+        "auto", must(lambda v: v == "auto" or v in WARP_INTERP_NAMES, "auto, nearest or linear"))
+    color_jitter: float = setting(0.4, NON_NEGATIVE)  # as in timm: used only when rand_augment is off
+    reprob: float = setting(0.25, PROBABILITY)
+    mixup: float = setting(0.8, NON_NEGATIVE)
+    cutmix: float = setting(1.0, NON_NEGATIVE)
+    mixup_prob: float = setting(1.0, PROBABILITY)
+    mixup_switch_prob: float = setting(0.5, PROBABILITY)
+    label_smoothing: float = setting(0.1, BELOW_ONE)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    epochs: int = setting(check=at_least(1))
+    batch_per_device: int = setting(128, at_least(1))
+    val_batch_per_device: int = setting(256, at_least(1))
+    grad_accum: int = setting(1, at_least(1))
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    zero_stage: Literal[0, 1, 2] = 0
+    grad_clip: float = setting(5.0, NON_NEGATIVE)  # 0: off
+    sync_bn: bool = True  # SyncBatchNorm when the world size is above 1
+    log_every: int = setting(50, at_least(1))  # steps
+    eval_every: int = setting(1, at_least(1))  # epochs
+    deterministic: bool = False  # torch deterministic algorithms (bitwise-reproducible on CPU)
+    max_steps: int | None = setting(None, at_least(1))  # stop after this many optimizer steps (smoke runs, tests)
+
+    def _check_together(self) -> None:
+        if self.precision == "fp16" and self.zero_stage > 0 and self.grad_clip > 0:
+            # DeepSpeed's ZeRO optimizers clip the GradScaler-scaled gradients (their own loss scale
+            # is 1 with fp32 parameters), so every update would shrink by the scale (65536).
+            raise RecipeError(f"precision: fp16 with train.zero_stage {self.zero_stage} clips gradients before they "
+                              f"are unscaled (train.grad_clip {self.grad_clip}): use bf16, zero_stage 0 or grad_clip 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Section):
+    lr: float = setting(5e-4, POSITIVE)  # for a global batch of lr_base_batch; scaled linearly
+    lr_base_batch: int = setting(512, at_least(1))
+    weight_decay: float = setting(0.05, NON_NEGATIVE)  # none on norms, biases and other 1-D parameters
+    betas: tuple[float, float] = setting((0.9, 0.999), must(lambda v: all(0 <= b < 1 for b in v), "in [0, 1)"))
+    eps: float = setting(1e-8, POSITIVE)
+    warmup_epochs: float = setting(20, NON_NEGATIVE)
+    warmup_lr: float = setting(5e-7, NON_NEGATIVE)
+    min_lr: float = setting(5e-6, NON_NEGATIVE)
+
+
+@dataclass(frozen=True)
+class EmaConfig(_Section):
+    enabled: bool = True
+    decay: float = setting(0.9998, must(lambda v: 0 < v < 1, "in (0, 1)"))
+    warmup: bool = False  # timm ModelEmaV3's decay warmup
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(_Section):
+    every_steps: int | None = setting(None, at_least(1))
+    every_minutes: float | None = setting(30.0, POSITIVE)
+    keep_last: int = setting(2, at_least(1))
+    keep_best: bool = True
+
+
+@dataclass(frozen=True)
+class TrackingConfig(_Section):
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in output_dir
+    experiment: str = "fatscale"
+    run_name: str | None = None  # None: the recipe file's stem
+    system_metrics: bool = True
+
+
+@dataclass(frozen=True)
+class SlurmConfig(_Section):
+    nodes: int = setting(1, at_least(1))
+    gpus_per_node: int = setting(8, NON_NEGATIVE)
+    tasks_per_node: int | None = setting(None, at_least(1))  # None: gpus_per_node (one task per GPU); CPU nodes: set it
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = setting("2-00:00:00", must(lambda v: slurm_minutes(v) is not None,
+                                           "a Slurm time limit (minutes, HH:MM:SS, D-HH:MM:SS, ...)"))
+    cpus_per_task: int = setting(10, at_least(1))
+    mem: str | None = setting(None, must(lambda v: re.fullmatch(r"\d+[KMGT]?", v) is not None,
+                                         "a Slurm memory size (e.g. 400G)"))
+    constraint: str | None = None
+    exclusive: bool = False
+    max_requeues: int = setting(20, NON_NEGATIVE)
+
+    def _check_together(self) -> None:
+        if self.gpus_per_node == 0 and self.tasks_per_node is None:
+            raise RecipeError("tasks_per_node: required when slurm.gpus_per_node is 0 (CPU nodes: ranks per node)")
+
+
+@dataclass(frozen=True)
+class Recipe(_Section):
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    aug: AugConfig = setting(factory=AugConfig)
+    optim: OptimConfig = setting(factory=OptimConfig)
+    ema: EmaConfig = setting(factory=EmaConfig)
+    checkpoint: CheckpointConfig = setting(factory=CheckpointConfig)
+    tracking: TrackingConfig = setting(factory=TrackingConfig)
+    slurm: SlurmConfig = setting(factory=SlurmConfig)
+    output_dir: str = "outputs/run"
+    seed: int = 0
+
+    def _check_together(self) -> None:
+        if (self.aug.mixup > 0 or self.aug.cutmix > 0) and self.train.batch_per_device % 2:
+            raise RecipeError(f"train.batch_per_device: Mixup/CutMix needs an even batch, got {self.train.batch_per_device}")
 
 
 def _type_name(tp: Any) -> str:
@@ -270,14 +339,10 @@ def _build(cls: type, values: dict, where: str) -> Any:
                 kwargs[name] = _convert({}, hints[name], key)
             else:
                 raise RecipeError(f"{key}: required")
-    return cls(**kwargs)
-
-
-def _get(recipe: Recipe, key: str) -> Any:
-    value: Any = recipe
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
+    try:
+        return cls(**kwargs)
+    except RecipeError as e:  # the section's own checks name the key within it
+        raise RecipeError(f"{where}.{e}" if where else str(e)) from None
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -304,29 +369,9 @@ def resolve(raw: dict, source: str, overrides: list[str] = ()) -> Recipe:
             node = child
         node[path[-1]] = value
     try:
-        recipe = _build(Recipe, raw, "")
-        for key, ok, what in _RANGES:
-            value = _get(recipe, key)
-            if not ok(value):
-                raise RecipeError(f"{key}: must be {what}, got {value!r}")
-        if recipe.aug.rand_augment:
-            try:
-                RandAugmentSpec(recipe.aug.rand_augment)
-            except ValueError as e:
-                raise RecipeError(f"aug.rand_augment: {e}") from None
-        if recipe.slurm.gpus_per_node == 0 and recipe.slurm.tasks_per_node is None:
-            raise RecipeError("slurm.tasks_per_node: required when slurm.gpus_per_node is 0 (CPU nodes: ranks per node)")
-        if (recipe.aug.mixup > 0 or recipe.aug.cutmix > 0) and recipe.train.batch_per_device % 2:
-            raise RecipeError(f"train.batch_per_device: Mixup/CutMix needs an even batch, got {recipe.train.batch_per_device}")
-        t = recipe.train
-        if t.precision == "fp16" and t.zero_stage > 0 and t.grad_clip > 0:
-            # DeepSpeed's ZeRO optimizers clip the GradScaler-scaled gradients (their own loss scale
-            # is 1 with fp32 parameters), so every update would shrink by the scale (65536).
-            raise RecipeError(f"train.precision: fp16 with train.zero_stage {t.zero_stage} clips gradients before they "
-                              f"are unscaled (train.grad_clip {t.grad_clip}): use bf16, zero_stage 0 or grad_clip 0")
+        return _build(Recipe, raw, "")  # every section checks itself as it is made
     except RecipeError as e:
         raise RecipeError(f"{source}: {e}") from None
-    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), check_shards: bool = True) -> Recipe:

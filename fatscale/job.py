@@ -3,7 +3,7 @@
 ``launch/slurm.py`` pickles a ``TrainJob`` holding the resolved recipe; every task (one per GPU,
 or ``slurm.tasks_per_node`` CPU ranks per node) takes its rank and rendezvous point from Slurm
 (submitit's ``TorchDistributedEnvironment``: rank 0's node is MASTER_ADDR) and runs
-``fatscale.train.train``.
+``fatscale.train.trainer.train``.
 
 Preemption and time limits: Slurm sends USR2 to every task (``--signal=USR2@90`` before the time
 limit; ``scancel --signal USR2`` or submitit's ``job._interrupt()`` by hand). Each task's handler
@@ -25,7 +25,7 @@ import threading
 import submitit
 import yaml
 
-log = logging.getLogger("fatscale")
+log = logging.getLogger(__name__)
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -40,12 +40,13 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
-        # torch is imported already (unpickling this job imports fatscale), too late for
-        # OMP_NUM_THREADS: one thread per CPU this task may run on, not one per core of the node.
+        # One thread per CPU this task may run on, not one per core of the node (set here, as torch
+        # may be imported already when OMP_NUM_THREADS would be read).
         cpus = len(os.sched_getaffinity(0))
         torch.set_num_threads(cpus)
         from fatscale.config import resolve
-        from fatscale.train import Interrupted, setup_logging, train
+        from fatscale.train.logs import setup_logging
+        from fatscale.train.trainer import Interrupted, train
 
         recipe = resolve(yaml.safe_load(self.recipe_text), self.source)
         self.max_requeues = recipe.slurm.max_requeues  # for checkpoint(), which submitit calls in this process

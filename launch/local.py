@@ -6,7 +6,7 @@
 Before any process starts: the recipe and overrides validate, every rank has a batch to train, no
 live run holds the output directory and a checkpoint there was made by a compatible recipe. The
 ranks run ``fatscale.train`` under torchrun, which ends with this launcher, however it dies.
-``--demo`` first generates the textures data set (fatscale/demo.py) and its shards under
+``--demo`` first generates the textures data set (fatscale/tryout/demo_data.py) and its shards under
 outputs/demo_data, then trains recipes/demo_cpu.yaml on 2 ranks. At the end of a run it prints the
 top-1 as MLflow has it, where the weights are and how to load them, and how to browse the run and
 its curves.
@@ -21,8 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing, too
 
-import fatscale  # noqa: E402,F401
-from fatscale import resume  # noqa: E402
+# Light modules only (no torch, timm or DALI): --help and a bad recipe answer at once.
 from fatscale.config import RecipeError, add_recipe_arguments, check_world, load_recipe_or_exit  # noqa: E402
 from fatscale.data.manifest import load_manifest  # noqa: E402
 from fatscale.lifetime import end_with_parent  # noqa: E402
@@ -34,8 +33,8 @@ DEMO_RECIPE = REPO / "recipes" / "demo_cpu.yaml"
 def prepare_demo_data(shards: Path) -> None:
     if (shards / "manifest.json").exists():
         return
-    from fatscale.data.shards import make_shards
-    from fatscale.demo import make_demo_images
+    from fatscale.prep import make_shards
+    from fatscale.tryout.demo_data import make_demo_images
 
     images = make_demo_images(shards.parent / "images")
     make_shards(images, shards, samples_per_shard=200, progress=False)
@@ -50,12 +49,12 @@ def main() -> None:
     if args.demo == bool(args.recipe):
         parser.error("give a RECIPE or --demo")
     recipe_path = DEMO_RECIPE if args.demo else Path(args.recipe)
-    import torch
-
-    nproc = args.nproc or (torch.cuda.device_count() or 2)
     if args.demo:
         prepare_demo_data(Path(load_recipe_or_exit(recipe_path, args.overrides, check_shards=False).data.shards))
     recipe = load_recipe_or_exit(recipe_path, args.overrides)
+    import torch  # seconds: after the recipe's own checks
+
+    nproc = args.nproc or (torch.cuda.device_count() or 2)
     preflight(recipe, str(recipe_path), nproc)
 
     env = dict(os.environ)
@@ -75,6 +74,8 @@ def main() -> None:
 
 def preflight(recipe, source: str, nproc: int) -> None:
     """What would make the ranks fail at once, said in one line before they start."""
+    from fatscale import resume  # imports torch (fatscale.checkpoint)
+
     try:
         manifest = load_manifest(recipe.data.shards)
         check_world(recipe, manifest, nproc, source)

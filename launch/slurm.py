@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing, too
 
-import fatscale  # noqa: E402,F401
-from fatscale import resume  # noqa: E402
+# Light modules only (no torch, timm or DALI), so that --help and a bad recipe answer at once;
+# fatscale.resume, submitit and the job are imported where they are used (BENCHMARKS.md, "Startup").
 from fatscale.config import (Recipe, RecipeError, add_recipe_arguments, check_world, dump, load_recipe,  # noqa: E402
                              slurm_minutes)
 from fatscale.data.manifest import Manifest, load_manifest  # noqa: E402
@@ -99,7 +99,12 @@ def check_output_dir(recipe: Recipe, folder: Path, manifest: Manifest, world_siz
             raise PreflightError(f"output_dir: job {job_id} ({state}) already trains into {output_dir}; "
                                  f"wait for it, cancel it (scancel {job_id}) or choose another output_dir")
     check_free(output_dir)
-    resumed = resume.check_output_dir(recipe, manifest, world_size)
+    from fatscale import resume  # imports torch (fatscale.checkpoint): last, after every quicker check
+
+    try:
+        resumed = resume.check_output_dir(recipe, manifest, world_size)
+    except resume.ResumeMismatch as e:
+        raise PreflightError(str(e)) from None
     if resumed is None:
         return None
     _, progress = resumed
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         check_world(recipe, manifest, world_size, args.recipe)
         folder = Path(recipe.output_dir) / "slurm"
         resume_note = check_output_dir(recipe, folder, manifest, world_size)
-    except (RecipeError, PreflightError, RunDirBusy, resume.ResumeMismatch) as e:
+    except (RecipeError, PreflightError, RunDirBusy) as e:
         sys.exit(f"error: {e}")
     tracking_warning = check_tracking(recipe.tracking.uri)
     if tracking_warning:

@@ -78,6 +78,34 @@ def test_bad_recipes_fail_with_one_line_naming_file_and_key(tmp_path, change, me
     assert "\n" not in str(error.value)
 
 
+def test_importing_the_schema_imports_neither_torch_timm_nor_dali():
+    code = ("import sys, fatscale.config; "
+            "print(sorted(m for m in ('torch', 'timm', 'nvidia.dali', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_model_names_fatscale_variants_without_timm_and_timm_models_with_it(tmp_path):
+    import timm
+    from fatscale.variants import VARIANTS
+
+    assert sorted(VARIANTS) == sorted(timm.list_models("fat_*"))  # the names the check knows are the registered ones
+    path = write(tmp_path, minimal(tmp_path))
+    assert load_recipe(path, ["model.name=resnet18"], check_shards=False).model.name == "resnet18"
+
+
+def test_sections_check_themselves_when_made():
+    from fatscale.config import AugConfig, DataConfig, SlurmConfig
+
+    with pytest.raises(RecipeError, match=r"^img_size: must be at least 32, got 8$"):
+        DataConfig(shards="x", img_size=8)
+    with pytest.raises(RecipeError, match=r"^rand_augment: invalid RandAugment string"):
+        AugConfig(rand_augment="rand-m9-bogus")
+    with pytest.raises(RecipeError, match=r"^tasks_per_node: required when slurm.gpus_per_node is 0"):
+        SlurmConfig(gpus_per_node=0)
+    assert AugConfig(rand_augment="").rand_augment == ""  # off, as null
+
+
 def test_required_keys(tmp_path):
     with pytest.raises(RecipeError, match=r"model\.name: required"):
         load_recipe(write(tmp_path, {"data": {"shards": "x"}, "train": {"epochs": 1}}), check_shards=False)

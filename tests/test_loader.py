@@ -1,6 +1,7 @@
 """DALI loaders (CPU operators) over real shards of real JPEGs made by make_shards."""
 
 import gc
+import json
 import random
 from pathlib import Path
 
@@ -11,12 +12,15 @@ from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
 import fatscale  # noqa: F401
-from fatscale.data.loader import AugConfig, DataConfig, LoaderState, TrainLoader, ValLoader, decode_labels, resolve_decode_device
+from fatscale.config import AugConfig, DataConfig
+from fatscale.data.loader import TrainLoader, ValLoader, decode_labels, resolve_decode_device
 from fatscale.data.manifest import load_manifest
-from fatscale.data.rand_augment import RandAugmentSpec, rand_augment, warp_interp
-from fatscale.data.shards import make_shards
+from fatscale.data import rand_augment_spec
+from fatscale.data.rand_augment import _TIMM_TO_DALI, RandAugmentSpec, rand_augment, warp_interp
+from fatscale.prep import make_shards
 from conftest import corrupt_copy
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.auto_augment import rand_augment_transform
 
 NUM_TRAIN = 37  # one image per class, so a label names its sample; uneven over 2 ranks
 NUM_VAL = 101
@@ -62,10 +66,13 @@ def denormalize_mean_rgb(images: torch.Tensor) -> np.ndarray:
     return ((images * std + mean) * 255).mean((2, 3)).numpy()
 
 
-def train_loader(shards: Path, aug: AugConfig = PLAIN, state: LoaderState | None = None, rank: int = 0,
+def train_loader(shards: Path, aug: AugConfig = PLAIN, state: dict | None = None, rank: int = 0,
                  world_size: int = 1, batch: int = 4, seed: int = 0, **cfg) -> TrainLoader:
-    return TrainLoader(load_manifest(shards), data_cfg(shards, **cfg), aug, batch_size=batch, rank=rank,
-                       world_size=world_size, seed=seed, state=state)
+    loader = TrainLoader(load_manifest(shards), data_cfg(shards, **cfg), aug, batch_size=batch, rank=rank,
+                         world_size=world_size, seed=seed)
+    if state is not None:  # a saved state_dict(), as the Checkpointer restores it
+        loader.load_state_dict(state)
+    return loader
 
 
 def test_images_and_labels_stay_aligned_through_augmentation(shards):
@@ -165,8 +172,8 @@ def test_resume_mid_epoch_continues_exactly(shards):
     loader = train_loader(shards, aug)
     it = iter(loader)
     before = [next(it) for _ in range(6)]  # epoch 0 has 9 steps: stop inside epoch 0
-    state = LoaderState(**loader.state_dict())
-    assert (state.epoch, state.step) == (0, 6)
+    state = loader.state_dict()
+    assert (state["epoch"], state["step"]) == (0, 6)
     resumed = train_loader(shards, aug, state=state)
     after = run_epochs(resumed, 2)  # the rest of epoch 0, then epoch 1
     got = before + after
@@ -174,6 +181,32 @@ def test_resume_mid_epoch_continues_exactly(shards):
     for (x, y), (rx, ry) in zip(got, reference):
         assert torch.equal(y, ry)
         assert torch.equal(x, rx)
+
+
+def assert_same_batches(got: list, expected: list) -> None:
+    assert len(got) == len(expected)
+    for (x, y), (ex, ey) in zip(got, expected):
+        assert torch.equal(y, ey) and torch.equal(x, ex)
+
+
+def test_state_dict_round_trip_mid_epoch_gives_the_same_following_batches(shards):
+    """load_state_dict of a state that went through JSON, in a new loader and in the loader that ran
+    on past it: both continue with the batches that followed (RandAugment on)."""
+    aug = AugConfig(reprob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
+    loader = train_loader(shards, aug)
+    it = iter(loader)
+    for _ in range(4):  # of 9 steps in epoch 0
+        next(it)
+    state = json.loads(json.dumps(loader.state_dict()))
+    following = [(x.clone(), y.clone()) for x, y in it] + run_epochs(loader, 1)  # the rest of epoch 0, epoch 1
+    fresh = train_loader(shards, aug)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state and (state["epoch"], state["step"]) == (0, 4)
+    assert_same_batches(run_epochs(fresh, 2), following)
+    loader.load_state_dict(state)  # back to step 4 of epoch 0, from epoch 2
+    assert_same_batches(run_epochs(loader, 2), following)
+    with pytest.raises(ValueError, match="step 10 of an epoch of 9 steps"):
+        fresh.load_state_dict({**state, "step": 10})
 
 
 def test_rand_augment_spec_follows_timm():
@@ -185,6 +218,46 @@ def test_rand_augment_spec_follows_timm():
     assert RandAugmentSpec("rand-m7-n3").num_layers == 3
     with pytest.raises(ValueError, match="rand-m9-bogus"):
         RandAugmentSpec("rand-m9-bogus")
+
+
+@pytest.mark.parametrize("config", [
+    "rand-m9-mstd0.5-inc1", "rand-m7-n3", "rand-m9-n1-p1.0", "rand-mstd101-inc1", "rand-m5-mmax8-inc0", "rand-mmax0",
+    "rand-m9-mstd0.5-mstd2-m3-n4-inc1-inc0-p0.3", "rand-mmax7-mmax9-m8", "rand-tfoo-m2-inc1", "rand-n0"])
+def test_rand_augment_spec_parses_as_timm(config):
+    """fatscale.data.rand_augment_spec parses without timm: the same layers, ops and magnitudes."""
+    spec, timm_ra = RandAugmentSpec(config), rand_augment_transform(config, {})
+    first = timm_ra.ops[0]
+    assert (spec.op_names, spec.num_layers) == ([op.name for op in timm_ra.ops], timm_ra.num_layers)
+    assert (spec.prob, spec.magnitude, spec.magnitude_std, spec.magnitude_max) == (
+        first.prob, first.magnitude, first.magnitude_std, first.magnitude_max or 10)
+    assert all((op.prob, op.magnitude, op.magnitude_std) == (first.prob, first.magnitude, first.magnitude_std)
+               for op in timm_ra.ops)
+
+
+@pytest.mark.parametrize("config,message", [
+    ("rand-m9.5", "invalid RandAugment string 'rand-m9.5': ValueError "),
+    ("rand-mmax5.5", "invalid RandAugment string 'rand-mmax5.5': ValueError "),
+    ("rand-t3a", "no DALI equivalent for timm ops ['Desaturate', 'GaussianBlur']"),
+    ("rand-tweights", "weighted op choice ('w' option) is not supported"),
+    ("rand-m9-t3aw", "weighted op choice ('w' option) is not supported"),
+    ("rand-mmax12", "magnitude max above 10.0 has no DALI range"),
+    ("rand-m9-msdt0.5", "bad sections ['msdt0.5']"),
+    ("rnd-m9", "expected rand-<section>-..."),
+])
+def test_rand_augment_spec_refuses_what_dali_cannot_run(config, message):
+    with pytest.raises(ValueError) as error:
+        RandAugmentSpec(config)
+    assert message in str(error.value)
+    if "ValueError" in message:  # timm fails on it too, with the same words
+        with pytest.raises(ValueError) as timm_error:
+            rand_augment_transform(config, {})
+        assert str(error.value).endswith(str(timm_error.value))
+    elif "weighted" in message:
+        assert rand_augment_transform(config, {}).choice_weights is not None
+
+
+def test_rand_augment_runs_every_op_the_spec_accepts():
+    assert set(_TIMM_TO_DALI) == rand_augment_spec.DALI_OPS
 
 
 def test_rand_augment_changes_some_images(shards):
@@ -231,8 +304,8 @@ def test_decode_device_choice():
     assert resolve_decode_device("cpu", torch.device("cuda", 0)) == "cpu"
     with pytest.raises(ValueError, match="mixed"):
         resolve_decode_device("mixed", torch.device("cpu"))
-    with pytest.raises(ValueError, match="gpu"):
-        resolve_decode_device("gpu", torch.device("cpu"))
+    with pytest.raises(ValueError, match="gpu"):  # a bad setting: DataConfig refuses it
+        DataConfig(shards="x", decode_device="gpu")
 
 
 def test_decode_labels():
@@ -268,8 +341,8 @@ def test_corrupt_train_image_is_quarantined_and_training_goes_on(shards, tmp_pat
         for rgb, label in zip(denormalize_mean_rgb(x), y.tolist()):
             assert nearest_colour_index(rgb, max(NUM_TRAIN, NUM_VAL)) == label
     # The quarantine travels with the loader state: a resumed run does not hit the sample again.
-    state = LoaderState(**loader.state_dict())
-    assert state.quarantine == [loader.quarantine[0].to_dict()]
+    state = loader.state_dict()
+    assert state["quarantine"] == [loader.quarantine[0].to_dict()]
     resumed = train_loader(tmp_path / "corrupt", state=state)
     assert resumed._current_index_paths() != resumed.index_paths
     assert len(run_epochs(resumed, 1)) == len(resumed)

@@ -19,9 +19,13 @@ the order changes) are read and dropped. No sample is seen twice in an epoch.
 Corrupt images: a sample DALI's decoder fails on is found, reported (log warning, counted in
 ``quarantine``) and replaced without stopping the run: see ``fatscale.data.quarantine``.
 
-Position: ``state_dict()`` holds DALI's checkpoint of the pipeline (reader position, shuffle
-buffer and every random operator's state) after the last batch handed out, so a run resumed
-mid-epoch continues with exactly the batches it had not seen.
+Position: ``TrainLoader.state_dict()`` (plain, JSON-able data) holds the epoch, the batches handed
+out in it, DALI's checkpoint of the pipeline (reader position, shuffle buffer and every random
+operator's state) after the last of them and the quarantine; ``load_state_dict`` of it, in a new
+loader or this one, continues with exactly the batches that had not been handed out. (Random
+erasing and Mixup draw from the host's generators, which the trainer saves.)
+
+``DataConfig`` and ``AugConfig`` are the recipe's sections (fatscale.config), valid once made.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import io
 import logging
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -43,6 +47,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.data.random_erasing import RandomErasing
 
+from fatscale.config import AugConfig, DataConfig, train_steps_per_epoch
 from fatscale.data.manifest import Manifest
 from fatscale.data.quarantine import DecodeCheck, QuarantinedSample, parse_source_info, read_member, write_patched_index
 from fatscale.data.rand_augment import RandAugmentSpec, rand_augment
@@ -51,11 +56,6 @@ log = logging.getLogger(__name__)
 
 READER = "reader"
 MAX_LABEL_DIGITS = 8
-
-
-def train_steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
-    """Batches per rank and epoch (module docstring, "Epochs"): the same on every rank."""
-    return (num_samples // world_size) // batch_size
 
 
 def _placeholder_jpeg() -> np.ndarray:
@@ -67,44 +67,9 @@ def _placeholder_jpeg() -> np.ndarray:
 PLACEHOLDER_JPEG = _placeholder_jpeg()
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the shards are and how the loader runs (the recipe's ``data`` section)."""
-
-    shards: str
-    img_size: int = 224
-    crop_pct: float = 0.875
-    num_threads: int = 4
-    decode_device: str = "auto"  # auto | mixed | cpu
-    shuffle_buffer: int = 4096
-    prefetch: int = 2
-    channels_last: bool = True
-
-
-@dataclass(frozen=True)
-class AugConfig:
-    """Train-time augmentation (the recipe's ``aug`` section); FAT's official setup by default."""
-
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
-    rand_augment_interp: str = "auto"  # its rotate/shear/translate: auto | nearest | linear
-    color_jitter: float = 0.4  # as in timm: used only when rand_augment is off
-    reprob: float = 0.25
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.1
-
-
-DECODE_DEVICES = ("auto", "mixed", "cpu")
-
-
 def resolve_decode_device(setting: str, device: torch.device) -> str:
-    if setting not in DECODE_DEVICES:
-        raise ValueError(f"data.decode_device must be auto, mixed or cpu, got {setting!r}")
+    """The decoder's DALI device for ``data.decode_device`` (a valid one: DataConfig checks it)
+    on ``device``."""
     if setting == "mixed" and device.type != "cuda":
         raise ValueError(f"data.decode_device=mixed needs a CUDA training device, got {device}")
     if setting == "auto":
@@ -253,7 +218,8 @@ class _DaliSplit:
         self.info_len = max(len(p) for p in self.paths) + 64  # "<tar>:<offset>:<member name>"
         self.quarantine = [QuarantinedSample(**q) for q in quarantine]
         self._patched_dir: tempfile.TemporaryDirectory | None = None  # removed with the loader, or at exit
-        self._last_good: bytes | None = None
+        self._last_good: bytes | None = None  # where the pipeline (re)starts: after the last batch handed out
+        self._it: DALIGenericIterator | None = None  # built by the first batch asked for
         log.info("%s loader: rank %d/%d, decode on %s", split, rank, world_size, self.decode)
 
     def _pipeline(self, index_paths: list[str], probe: bool, **kwargs):
@@ -290,10 +256,10 @@ class _DaliSplit:
 
     def _next(self) -> dict:
         """The next batch; raises StopIteration at the end of the reader's epoch."""
+        if self._it is None:
+            self._start(self._last_good)
         try:
             batch = next(self._it)[0]
-        except StopIteration:
-            raise
         except RuntimeError as error:  # DALI: "Critical error in pipeline"
             self._recover(error)
             return self._next()
@@ -347,12 +313,10 @@ class TrainLoader(_DaliSplit):
 
     def __init__(self, manifest: Manifest, cfg: DataConfig, aug: AugConfig, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_classes: int | None = None, device: torch.device | str = "cpu",
-                 seed: int = 0, state: LoaderState | None = None):
-        self.state = state or LoaderState()
+                 seed: int = 0):
+        self.state = LoaderState()  # load_state_dict() continues a saved one
         super().__init__(manifest, "train", cfg, batch_size, rank, world_size, torch.device(device), seed,
                          self.state.quarantine)
-        if aug.rand_augment:
-            RandAugmentSpec(aug.rand_augment)  # fail on a bad string now, not inside DALI
         self.aug = aug
         self.steps_per_epoch = train_steps_per_epoch(self.num_samples, world_size, batch_size)
         if self.steps_per_epoch == 0:
@@ -370,9 +334,7 @@ class TrainLoader(_DaliSplit):
                   switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing, num_classes=num_classes)
             if mixing else None
         )
-        if self.mixup is not None and batch_size % 2:
-            raise ValueError(f"Mixup/CutMix needs an even batch per rank, got {batch_size}")
-        self._start(_decode_checkpoint(self.state.checkpoint))
+        self._last_good = _decode_checkpoint(self.state.checkpoint)
 
     def _pipeline(self, index_paths: list[str], probe: bool, **kwargs):
         return _train_pipeline(self.paths, index_paths, self.info_len, probe, self.cfg, self.aug, self.decode,
@@ -401,8 +363,24 @@ class TrainLoader(_DaliSplit):
         self.state.step = 0
 
     def state_dict(self) -> dict:
+        """Where this loader is (module docstring, "Position"), as plain JSON-able data: ``epoch``,
+        ``step`` (batches handed out in it), ``checkpoint`` (DALI's, base64) and ``quarantine``."""
         return dict(epoch=self.state.epoch, step=self.state.step, checkpoint=_encode_checkpoint(self._last_good),
                     quarantine=[q.to_dict() for q in self.quarantine])
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``, a ``state_dict()`` of a loader over the same shards with the same
+        config, batch, rank, world size and seed: the next batch is the one that followed it. The
+        pipeline is rebuilt at that checkpoint when the next batch is asked for; an epoch being
+        iterated goes on from the loaded position."""
+        loaded = LoaderState(**state)
+        if not 0 <= loaded.step <= self.steps_per_epoch:
+            raise ValueError(f"loader state at step {loaded.step} of an epoch of {self.steps_per_epoch} steps: "
+                             "saved with another batch size, world size or train split")
+        self.state = replace(loaded, quarantine=list(loaded.quarantine))
+        self.quarantine = [QuarantinedSample(**q) for q in loaded.quarantine]
+        self._last_good = _decode_checkpoint(loaded.checkpoint)
+        self._it = None
 
 
 class ValLoader(_DaliSplit):

@@ -1,8 +1,8 @@
 """timm's RandAugment (``rand-m9-mstd0.5-inc1`` and the other ``rand-*`` strings) on DALI.
 
-timm parses the string (``timm.data.auto_augment.rand_augment_transform``): number of layers,
-the op set, per-op probability, magnitude and magnitude std. DALI's ``auto_aug`` operations run
-it, on the GPU when the images are there. Mapping, per image and layer, as timm does per call:
+``fatscale.data.rand_augment_spec`` parses the string as timm does
+(``timm.data.auto_augment.rand_augment_transform``): number of layers, the op set, per-op
+probability, magnitude and magnitude std. DALI's ``auto_aug`` operations run it, on the GPU when the images are there. Mapping, per image and layer, as timm does per call:
 
   * op: uniform over timm's set (``inc1`` picks the "Increasing" variants, whose strength grows
     with the magnitude: DALI's monotonic ranges), applied with the op's probability (0.5): a coin
@@ -21,19 +21,19 @@ differs slightly).
 
 from __future__ import annotations
 
-import re
-
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import augmentations as a
 from nvidia.dali.auto_aug.core import select, signed_bin
 from nvidia.dali.data_node import DataNode
 
-from timm.data.auto_augment import _LEVEL_DENOM, rand_augment_transform
+from fatscale.data.rand_augment_spec import DALI_OPS, WARP_INTERP_NAMES, RandAugmentSpec
+
+__all__ = ["NUM_BINS", "WARP_INTERPS", "RandAugmentSpec", "rand_augment", "warp_interp"]
 
 NUM_BINS = 101  # magnitude resolution: 1/10 of a timm level
-WARP_INTERPS = {"nearest": types.INTERP_NN, "linear": types.INTERP_LINEAR}
-_SECTION = re.compile(r"t\w+|(mstd|mmax|inc|m|n|p)\d+(\.\d+)?")
+_INTERP_TYPES = {"nearest": types.INTERP_NN, "linear": types.INTERP_LINEAR}
+WARP_INTERPS = {name: _INTERP_TYPES[name] for name in WARP_INTERP_NAMES}
 
 _TIMM_TO_DALI = {
     "AutoContrast": a.auto_contrast,
@@ -60,36 +60,8 @@ _TIMM_TO_DALI = {
 }
 
 
-class RandAugmentSpec:
-    """What a timm ``rand-*`` string asks for, checked against what DALI can run."""
-
-    def __init__(self, config: str):
-        # timm skips sections it cannot parse; a typo must not silently change the recipe.
-        sections = config.split("-")
-        bad = [c for c in sections[1:] if not _SECTION.fullmatch(c)]
-        if sections[0] != "rand" or bad:
-            raise ValueError(f"invalid RandAugment string {config!r}: expected rand-<section>-..., bad sections {bad}")
-        try:
-            timm_ra = rand_augment_transform(config, {})
-        except Exception as e:  # timm raises bare AssertionError/KeyError on bad strings
-            raise ValueError(f"invalid RandAugment string {config!r}: {type(e).__name__} {e}") from None
-        if timm_ra.choice_weights is not None:
-            raise ValueError(f"RandAugment {config!r}: weighted op choice ('w' option) is not supported")
-        self.config = config
-        self.num_layers = timm_ra.num_layers
-        self.op_names = [op.name for op in timm_ra.ops]
-        unknown = [name for name in self.op_names if name not in _TIMM_TO_DALI]
-        if unknown:
-            raise ValueError(f"RandAugment {config!r}: no DALI equivalent for timm ops {unknown}")
-        first = timm_ra.ops[0]
-        if any((op.prob, op.magnitude, op.magnitude_std) != (first.prob, first.magnitude, first.magnitude_std) for op in timm_ra.ops):
-            raise ValueError(f"RandAugment {config!r}: per-op settings differ")
-        self.prob = first.prob
-        self.magnitude = float(first.magnitude)
-        self.magnitude_std = float(first.magnitude_std)
-        self.magnitude_max = float(first.magnitude_max or _LEVEL_DENOM)
-        if self.magnitude_max > _LEVEL_DENOM:
-            raise ValueError(f"RandAugment {config!r}: magnitude max above {_LEVEL_DENOM} has no DALI range")
+if set(_TIMM_TO_DALI) != DALI_OPS:  # the spec accepts what this table runs, no more, no less
+    raise ImportError(f"rand_augment_spec.DALI_OPS and _TIMM_TO_DALI differ: {sorted(DALI_OPS ^ set(_TIMM_TO_DALI))}")
 
 
 def warp_interp(setting: str, device: str) -> types.DALIInterpType:

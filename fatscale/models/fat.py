@@ -428,13 +428,8 @@ def _cfg(**kwargs) -> dict:
 # No hub weights: pass a file with pretrained_cfg_overlay=dict(file=...).
 default_cfgs = generate_default_cfgs({f"fat_b{i}": _cfg() for i in range(4)})
 
-# The official configurations (classification/configs/FAT_b*.yaml of the release).
-_ARCHS = {
-    "fat_b0": dict(embed_dims=(32, 80, 160, 256), depths=(2, 2, 6, 2), num_heads=(2, 5, 10, 16), drop_path_rate=0.05),
-    "fat_b1": dict(embed_dims=(48, 96, 192, 384), depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.1),
-    "fat_b2": dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.1),
-    "fat_b3": dict(embed_dims=(64, 128, 256, 512), depths=(4, 4, 16, 4), num_heads=(2, 4, 8, 16), drop_path_rate=0.15),
-}
+# The official configurations, in a torch-free module the recipe check reads the names from.
+from fatscale.variants import ARCHS as _ARCHS  # noqa: E402
 
 
 def _create_fat(variant: str, pretrained: bool = False, **kwargs) -> FAT:
