@@ -1,32 +1,33 @@
-"""Checkpoints that survive preemption: DeepSpeed's, plus what DeepSpeed does not keep.
+"""Checkpoints on disk: their layout, their atomic writes, and the readers of their files.
 
-Layout under ``<output_dir>/checkpoints``::
+Layout under ``<output_dir>/checkpoints`` (what each file holds and when one is saved:
+fatscale.train.checkpointer)::
 
     latest                     the tag of the last complete checkpoint (replaced atomically)
-    step-000120/               DeepSpeed's files (module, optimizer, ZeRO partitions)
+    step-000000120/            DeepSpeed's files (module, optimizer, ZeRO partitions)
         ema.safetensors        EMA weights (fp32)
-        rank-0.json ...        per rank: loader position, RNG states
-        progress.json          epoch, step, best top-1, MLflow run id
+        rank-0.json ...        per rank: loader position, RNG states, fp16 loss scaler
+        progress.json          the TrainState, the resume identity and the recipe
         COMPLETE               written last
-    best -> step-000100        the best raw-model top-1 so far (a tag name in a file)
+    best                       the tag of the best raw-model top-1 so far
 
 A checkpoint counts once ``COMPLETE`` exists and ``latest`` names it; a process killed at any
 moment leaves ``latest`` naming a complete one. Loading never unpickles code: DeepSpeed's files
-go through ``torch.load(weights_only=True)`` (``fatscale.train.SafeCheckpointEngine``), the rest
-is JSON and safetensors.
+go through ``torch.load(weights_only=True)``, the rest is JSON and safetensors.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
+from fatscale.atomic import replacing, write_atomic
+
+if TYPE_CHECKING:  # torch is imported by the functions that need it: the launchers' checks read tags only
+    import torch
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -35,35 +36,15 @@ BEST = "best"
 log = logging.getLogger(__name__)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename over ``path``: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from safetensors.torch import save_file
+
+    with replacing(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def tag_for(step: int) -> str:
@@ -84,7 +65,6 @@ def latest_tag(checkpoint_dir: Path) -> str | None:
 def mark_complete(checkpoint_dir: Path, tag: str, is_best: bool) -> None:
     """Rank 0, after every rank has written its part: seal the checkpoint, then move pointers."""
     write_atomic(checkpoint_dir / tag / COMPLETE, b"")
-    _fsync_dir(checkpoint_dir / tag)
     if is_best:
         write_atomic(checkpoint_dir / BEST, tag.encode())
     write_atomic(checkpoint_dir / LATEST, tag.encode())
@@ -115,6 +95,8 @@ def prune(checkpoint_dir: Path, keep_last: int) -> list[str]:
 
 
 def load_ema(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     return load_file(str(checkpoint_dir / tag / "ema.safetensors"))
 
 
@@ -125,6 +107,8 @@ def read_json(path: Path) -> Any:
 def module_state_dict(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """The consolidated model weights of a checkpoint (ZeRO 0-2 keep whole parameters in the
     module states file), loaded without unpickling code."""
+    import torch
+
     files = sorted((checkpoint_dir / tag).glob("mp_rank_*_model_states.pt"))
     if not files:
         raise RuntimeError(f"{checkpoint_dir / tag}: no DeepSpeed model states file")

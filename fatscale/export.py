@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
 
 import fatscale
-import timm
 from fatscale import checkpoint as ckpt
 from fatscale.data.manifest import ManifestError, load_manifest
+
+if TYPE_CHECKING:  # torch and timm are imported where used: --help answers at once
+    import torch
 
 WEIGHTS = "model.safetensors"  # the names timm's local-dir loader looks for
 CONFIG = "config.json"
@@ -55,6 +58,8 @@ def export(output_dir: Path, tag: str | None = None, out: Path | None = None) ->
 
 
 def _save_timm_folder(recipe: dict, state: dict[str, torch.Tensor], folder: Path) -> None:
+    import timm
+
     data, bidirectional = recipe["data"], recipe["model"]["bidirectional"]
     # The config's input size, crop and interpolation are the model's pretrained_cfg: the recipe's.
     model = timm.create_model(recipe["model"]["name"], num_classes=state["head.weight"].shape[0],
@@ -82,7 +87,7 @@ def _save_timm_folder(recipe: dict, state: dict[str, torch.Tensor], folder: Path
 def mlflow_flavors(model_name: str) -> dict[str, dict[str, str]]:
     """The flavors of an exported folder's MLmodel file: what built it and how to load it."""
     return {FLAVOR: dict(model=model_name, weights=WEIGHTS, config=CONFIG, loader="fatscale.export.load_mlflow_model",
-                         fatscale_version=fatscale.__version__, timm_version=timm.__version__)}
+                         fatscale_version=fatscale.__version__, timm_version=metadata.version("timm"))}
 
 
 def load_mlflow_model(model_uri: str, dst_path: str | None = None) -> torch.nn.Module:
@@ -91,6 +96,7 @@ def load_mlflow_model(model_uri: str, dst_path: str | None = None) -> torch.nn.M
     registry URIs MLflow is set to (``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``), as
     MLflow's own ``load_model`` functions do. Its files are downloaded (to ``dst_path``, default a
     temporary directory); the weights load from safetensors."""
+    import timm
     from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
 

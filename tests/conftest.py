@@ -85,9 +85,9 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
-    """Shards of the built-in textures set (fatscale/demo.py): 480 train, 160 val samples, 8 classes."""
-    from fatscale.data.shards import make_shards
-    from fatscale.demo import make_demo_images
+    """Shards of the built-in textures set (fatscale/tryout/demo_data.py): 480 train, 160 val samples, 8 classes."""
+    from fatscale.prep import make_shards
+    from fatscale.tryout.demo_data import make_demo_images
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_images(root / "images", per_class=60, val_per_class=20, size=56)

@@ -1,4 +1,4 @@
-"""fatscale.devcluster with real daemons (munged, MariaDB, slurmdbd, slurmctld, one slurmd per
+"""fatscale.tryout.devcluster with real daemons (munged, MariaDB, slurmdbd, slurmctld, one slurmd per
 node): multi-node jobs, accounting, submitit round trips including a requeue, stop by PID, CLI,
 and what other local users and other hosts can reach of it."""
 
@@ -16,8 +16,8 @@ import cloudpickle
 import pytest
 import submitit
 
-from fatscale import devcluster
-from fatscale.devcluster import DevCluster, DevClusterError
+from fatscale.tryout import devcluster
+from fatscale.tryout.devcluster import DevCluster, DevClusterError
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"])

@@ -280,10 +280,10 @@ def test_the_dali_placeholder_lets_the_trainer_import_without_dali(tmp_path):
         "sys.meta_path.insert(0, Block())\n")
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from common import dali_placeholder\n"
             "assert dali_placeholder()\n"
-            "from fatscale import train\n"
+            "from fatscale.train import components, trainer\n"
             "from fatscale.config import load_recipe\n"
             "r = load_recipe(sys.argv[2], check_shards=False)\n"
-            "print(train.deepspeed_config(r, 1)['torch_autocast'], r.model.name)\n")
+            "print(components.deepspeed_config(r, 1)['torch_autocast'], r.model.name)\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]), DS_ACCELERATOR="cpu")
     done = subprocess.run([sys.executable, "-c", code, str(GPU), str(REPO / "recipes" / "fat_b0_300ep.yaml")], env=env,
                           capture_output=True, text=True, timeout=300)

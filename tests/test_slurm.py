@@ -1,4 +1,4 @@
-"""launch/slurm.py against a real Slurm cluster on loopback (fatscale.devcluster): 2 nodes,
+"""launch/slurm.py against a real Slurm cluster on loopback (fatscale.tryout.devcluster): 2 nodes,
 real submitit jobs training with DeepSpeed (gloo) across them, preemption and requeue."""
 
 import signal
@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from conftest import REPO, demo_recipe, hold_run_lock, wait_for_first_metrics
 from fatscale import checkpoint as ckpt
 from fatscale.config import load_recipe, slurm_minutes
-from fatscale.devcluster import DevCluster, DevClusterError
+from fatscale.tryout.devcluster import DevCluster, DevClusterError
 
 LAUNCH = str(REPO / "launch" / "slurm.py")
 CPU_NODES = {"gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1, "time": "00:20:00"}

@@ -18,7 +18,7 @@ import timm
 from conftest import corrupt_copy, free_port, wait_for_first_metrics
 from conftest import demo_recipe as recipe
 from fatscale import checkpoint as ckpt
-from fatscale.demo import CLASSES
+from fatscale.tryout.demo_data import CLASSES
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_end_to_end_learns_tracks_and_exports(tmp_path, demo_shards):
     tags = mlflow_run.data.tags
     assert tags["model"] == "fat_b0" and tags["nodes"] == "1"
     # What MLflow's UI shows: the source and its commit, and a description that states the result.
-    assert tags["mlflow.source.name"] == str(REPO / "fatscale" / "train.py") and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"] == str(REPO / "fatscale" / "train" / "trainer.py") and tags["mlflow.source.type"] == "LOCAL"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert tags["mlflow.source.git.commit"] == commit
     note = tags["mlflow.note.content"]
@@ -174,7 +174,7 @@ def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     process = launch(path)
     out, _ = process.communicate(timeout=600)
     assert process.returncode != 0
-    (message,) = [line.split("ERROR ", 1)[1] for line in out.splitlines() if "fatscale ERROR" in line and "(rank 0:" in line]
+    (message,) = [line.split("ERROR ", 1)[1] for line in out.splitlines() if " ERROR " in line and "(rank 0:" in line]
     step = int(message.split(" in step ")[1].split(",")[0])
     checkpoints = tmp_path / "out" / "checkpoints"
     assert f"stopped without saving: the last good checkpoint is {checkpoints / ckpt.tag_for(step - 1)}" in message

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 
 def make_engine(recipe, device, seed: int):
     import deepspeed
-    from fatscale import train as T
+    from fatscale.train import components as T
+    from fatscale.train.checkpointer import SafeCheckpointEngine
     from timm.optim import create_optimizer_v2
 
     torch.manual_seed(seed)
@@ -42,7 +43,7 @@ def make_engine(recipe, device, seed: int):
     o = recipe.optim
     optimizer = create_optimizer_v2(model, opt="adamw", lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=T.deepspeed_config(recipe, 1))
-    engine.checkpoint_engine = T.SafeCheckpointEngine(engine._config)
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
     return engine
 
 
@@ -76,7 +77,7 @@ def state_tensors(engine) -> dict[str, torch.Tensor]:
 
 def check_train_and_checkpoint(args, recipe, device) -> None:
     from fatscale import checkpoint as ckpt
-    from fatscale import train as T
+    from fatscale.train import components as T
 
     loss_fn = T.build_loss(recipe)
     data = batches(args.steps + 2, args.batch, args.img_size, device)
@@ -141,7 +142,7 @@ def check_train_and_checkpoint(args, recipe, device) -> None:
 
 
 def check_syncbn(recipe, device) -> None:
-    from fatscale import train as T
+    from fatscale.train import components as T
 
     plain = T.build_model(recipe, 1000, 1, device)
     bns = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in plain.modules())
@@ -194,13 +195,13 @@ def main() -> None:
     if placeholder:
         print("check_train: DALI is not installed yet: a placeholder stands in for it (no loader is built)")
     single_rank_env(args.device)
-    from fatscale import train as T
     from fatscale.config import load_recipe
+    from fatscale.train.distributed import init_distributed
 
     recipe = load_recipe(REPO / "recipes" / "fat_b0_300ep.yaml",
                          [f"model.name={args.model}", f"train.batch_per_device={args.batch}", f"data.img_size={args.img_size}"],
                          check_shards=False)
-    _rank, _world, _local, device = T.init_distributed()
+    _rank, _world, _local, device = init_distributed()
     if args.device == "cuda" and device.type != "cuda":
         result("train_step", False, "asked for cuda, but torch sees no GPU")
         sys.exit(1)

@@ -56,7 +56,7 @@ def free_port() -> int:
 
 
 def single_rank_env(device: str) -> None:
-    """The environment torchrun would give a world of one (fatscale.train.init_distributed reads it)."""
+    """The environment torchrun would give a world of one (fatscale.train.distributed.init_distributed reads it)."""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
     if device == "cpu":

@@ -1,6 +1,6 @@
 """The built-in demo data set: small JPEG photos of textures, a task a FAT learns in minutes on a CPU.
 
-    python -m fatscale.demo DIR [--per-class 100] [--val-per-class 25] [--size 72]
+    python -m fatscale.tryout.demo_data DIR [--per-class 100] [--val-per-class 25] [--size 72]
 
 Writes an ImageFolder tree ``DIR/train/<class>/*.JPEG`` and ``DIR/val/<class>/*.JPEG``. Eight
 classes of texture: horizontal, vertical and diagonal stripes, checks, dots, concentric rings,

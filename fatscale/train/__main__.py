@@ -1,0 +1,3 @@
+from fatscale.train.cli import main
+
+main()

@@ -1,0 +1,102 @@
+"""The Checkpointer decides when to save and what a checkpoint holds, saves it, and resumes from it.
+
+A checkpoint (layout and atomicity: fatscale.checkpoint) holds everything a run needs to continue
+exactly where it stopped:
+
+- DeepSpeed's engine state: module, optimizer, ZeRO partitions (the LR schedule is a function of
+  the step, so it needs none); loaded through ``SafeCheckpointEngine``, which unpickles no code;
+- per rank (``rank-N.json``): the train loader's position (DALI's pipeline checkpoint), this
+  rank's RNG states (fatscale.train.state) and the fp16 loss scaler, which DeepSpeed does not keep;
+- on rank 0: the EMA weights (safetensors) and ``progress.json``: the TrainState, the recipe's
+  resume identity (fatscale.resume) and the resolved recipe text.
+
+It is saved every ``checkpoint.every_steps`` steps and/or ``every_minutes`` minutes (rank 0's
+clock), at every epoch end, at the end and when the run is stopped; the newest ``keep_last`` are
+kept, plus the best raw top-1 (``keep_best``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
+from fatscale import checkpoint as ckpt
+from fatscale.config import CheckpointConfig
+from fatscale.data.loader import TrainLoader
+from fatscale.train.state import TrainState, load_rng_state_dict, rng_state_dict
+
+# Plain data classes in DeepSpeed's ZeRO optimizer states. The weights-only unpickler rebuilds
+# them by setting attributes; it calls no code named in the file.
+DEEPSPEED_STATE_CLASSES = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch engine, loading with ``weights_only=True`` (no code from the file runs)."""
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(DEEPSPEED_STATE_CLASSES):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class Checkpointer:
+    def __init__(self, config: CheckpointConfig, checkpoint_dir: Path, engine, ema: torch.nn.Module | None,
+                 grad_scaler: torch.amp.GradScaler | None, rank: int):
+        self.config = config
+        self.dir = checkpoint_dir
+        self.engine = engine
+        engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+        self.ema = ema  # the averaged module (ModelEmaV3.module)
+        self.grad_scaler = grad_scaler
+        self.rank = rank
+        self.identity: dict = {}  # the recipe's resume identity and text, stored with every save
+        self.last_save = time.monotonic()
+
+    def should_save(self, step: int, now: float) -> bool:
+        """Due by step count (every rank knows) or by rank 0's clock (the ranks then agree on it)."""
+        c = self.config
+        return bool(c.every_steps and step % c.every_steps == 0) or (
+            self.rank == 0 and c.every_minutes is not None and now - self.last_save > 60 * c.every_minutes)
+
+    def save(self, state: TrainState, loader: TrainLoader, is_best: bool = False) -> Path:
+        """Every rank: its part, then (rank 0) the seal. Returns the checkpoint's directory."""
+        tag = ckpt.tag_for(state.global_step)
+        self.engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
+        rank_state = dict(loader=loader.state_dict(), rng=rng_state_dict(),
+                          grad_scaler=self.grad_scaler.state_dict() if self.grad_scaler is not None else None)
+        ckpt.write_json_atomic(self.dir / tag / f"rank-{self.rank}.json", rank_state)
+        if self.rank == 0:
+            ckpt.write_json_atomic(self.dir / tag / "progress.json", {**state.state_dict(), **self.identity})
+            if self.ema is not None:
+                ckpt.save_safetensors_atomic(self.ema.state_dict(), self.dir / tag / "ema.safetensors")
+        dist.barrier()  # every rank's part is on disk
+        if self.rank == 0:
+            ckpt.mark_complete(self.dir, tag, is_best and self.config.keep_best)
+            ckpt.prune(self.dir, self.config.keep_last)
+        dist.barrier()
+        self.last_save = time.monotonic()
+        return self.dir / tag
+
+    def load(self, tag: str, state: TrainState, loader: TrainLoader) -> None:
+        """Restores the engine, EMA, loss scaler, RNG states, ``state`` and the train loader's
+        position from checkpoint ``tag``."""
+        self.engine.load_checkpoint(str(self.dir), tag=tag)
+        state.load_state_dict(ckpt.read_json(self.dir / tag / "progress.json"))
+        rank_state = ckpt.read_json(self.dir / tag / f"rank-{self.rank}.json")
+        load_rng_state_dict(rank_state["rng"])
+        if rank_state.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(rank_state["grad_scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt.load_ema(self.dir, tag))
+        loader.load_state_dict(rank_state["loader"])
+        self.last_save = time.monotonic()
+
+    def latest(self) -> Path | None:
+        tag = ckpt.latest_tag(self.dir)
+        return self.dir / tag if tag else None

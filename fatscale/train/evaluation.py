@@ -1,0 +1,31 @@
+"""Validation: top-1/top-5 and loss over every val sample once, summed over the ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fatscale.data.loader import ValLoader
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: ValLoader, device: torch.device, precision: str) -> dict[str, float]:
+    """top-1/top-5 (percent) and mean loss, with the number of images evaluated and of those left
+    out as undecodable (quarantined)."""
+    model.eval()
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, top1, top5, count, quarantined
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    for images, labels in loader:
+        with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
+            logits = model(images)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        totals[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+        totals[1] += (top5[:, 0] == labels).sum()
+        totals[2] += (top5 == labels[:, None]).any(1).sum()
+        totals[3] += labels.numel()
+    totals[4] = len(loader.quarantine)
+    dist.all_reduce(totals)
+    loss_sum, top1, top5, count, quarantined = totals.tolist()
+    return dict(loss=loss_sum / count, top1=100 * top1 / count, top5=100 * top5 / count, count=count,
+                quarantined=quarantined)

@@ -1,0 +1,271 @@
+"""The Trainer: builds a run's components from its recipe, resumes, and trains.
+
+``Trainer(recipe, recipe_text, stop)`` on every rank: distributed setup and the output directory
+(locked for this run) -> data, model, optimizer, DeepSpeed engine, EMA, loss -> resume from the
+latest checkpoint in output_dir, if any (refused if made by an incompatible recipe) -> loaders,
+LR schedule, reporting. ``train()`` runs epochs of steps with periodic logging and checkpoints,
+evaluates the raw and EMA models, exports and registers the final weights, and returns the
+top-1 summary. Setting ``stop`` (a signal handler does) on any rank makes every rank save at the
+next step and raise :class:`Interrupted`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+import deepspeed
+from fatscale import resume
+from fatscale.config import Recipe, flatten
+from fatscale.data.loader import TrainLoader, ValLoader
+from fatscale.data.manifest import load_manifest
+from fatscale.export import export
+from fatscale.train import components
+from fatscale.train.checkpointer import Checkpointer
+from fatscale.train.distributed import agree, hold_output_dir, init_distributed
+from fatscale.train.evaluation import evaluate
+from fatscale.train.logs import log_to_file
+from fatscale.train.reporting import Reporter
+from fatscale.train.state import TrainState, seed_everything
+from timm.utils import ModelEmaV3
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite outside fp16 loss scaling."""
+
+
+class Interrupted(Exception):
+    """Training stopped on request (preemption, time limit, SIGTERM) after saving a checkpoint."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}, checkpoint saved")
+        self.step = step
+
+
+def recipe_changes(old_text: str, new_text: str) -> list[str]:
+    """The recipe keys whose values differ between two resolved recipes."""
+    old, new = flatten(yaml.safe_load(old_text)), flatten(yaml.safe_load(new_text))
+    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, recipe_text: str, stop: threading.Event | None = None):
+        self.recipe, self.stop = recipe, stop or threading.Event()
+        t = recipe.train
+        self.rank, self.world, local_rank, self.device = init_distributed()
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        output_dir = Path(recipe.output_dir)
+        self.run_lock = hold_output_dir(output_dir, self.rank)
+        if self.rank == 0:
+            log_to_file(output_dir / "train.log")
+            (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        torch.distributed.barrier()
+        manifest = load_manifest(recipe.data.shards)
+        num_classes = recipe.model.num_classes or manifest.num_classes
+        resumed = resume.check_output_dir(recipe, manifest, self.world)  # before any state is built
+
+        seed_everything(recipe.seed)  # identical initial weights on every rank
+        model = components.build_model(recipe, num_classes, self.world, self.device).to(self.device)
+        if self.world > 1 and t.sync_bn and self.device.type != "cuda" and self.rank == 0:
+            log.warning("train.sync_bn: no GPU, BatchNorm statistics stay per rank (set train.sync_bn: false for CPU runs)")
+        self.optimizer = components.build_optimizer(recipe, model, self.world)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer,
+                                               config=components.deepspeed_config(recipe, self.world))
+        if recipe.model.compile:
+            self.engine.compile()
+        self.ema = ModelEmaV3(self.engine.module, decay=recipe.ema.decay, use_warmup=recipe.ema.warmup) \
+            if recipe.ema.enabled else None
+        self.loss_fn = components.build_loss(recipe)
+        self.grad_scaler = components.fp16_grad_scaler(self.engine)
+        self.checkpointer = Checkpointer(recipe.checkpoint, output_dir / "checkpoints", self.engine,
+                                         self.ema.module if self.ema is not None else None, self.grad_scaler, self.rank)
+
+        self.train_loader = TrainLoader(manifest, recipe.data, recipe.aug, t.batch_per_device, self.rank, self.world,
+                                        num_classes, self.device, seed=recipe.seed)
+        self.val_loader = ValLoader(manifest, recipe.data, t.val_batch_per_device, self.rank, self.world, self.device)
+        self.state, changed = TrainState(), []
+        if resumed is not None:
+            checkpoint, progress = resumed
+            self.checkpointer.load(checkpoint.name, self.state, self.train_loader)
+            changed = recipe_changes(progress["recipe"], recipe_text)
+            if self.rank == 0:
+                log.info("resuming from %s (epoch %d, step %d)", checkpoint, self.state.epoch, self.state.global_step)
+        else:
+            seed_everything(recipe.seed + 1 + self.rank)  # per-rank streams for drop path, erasing, Mixup
+        self.checkpointer.identity = dict(resume_identity=resume.identity(recipe, manifest, self.world),
+                                          recipe=recipe_text)
+        steps_per_epoch = len(self.train_loader) // t.grad_accum
+        self.total_steps = min(t.epochs * steps_per_epoch, t.max_steps or t.epochs * steps_per_epoch)
+        self.scheduler = components.build_scheduler(recipe, self.optimizer, self.world, steps_per_epoch)
+        self.scheduler.step_update(self.state.global_step)
+        self.reporter = Reporter(recipe, manifest, self.state, self.rank, local_rank, self.world, self.device)
+        self.reporter.started(self.state, recipe_text, changed)
+        self.metrics: dict[str, float] = {}  # of the last evaluation
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # a micro-step's loss, since the last step
+        self.session_start, self.session_step = time.monotonic(), self.state.global_step
+        self.elapsed_before = self.state.elapsed_s  # the sessions before this one
+        self.train_seconds = 0.0  # in this session's epochs, for images/s
+
+    # ------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, float]:
+        """Epochs until the last step, each followed by an evaluation (every ``eval_every``) and a
+        checkpoint; then the final evaluation, export and MLflow summary."""
+        try:
+            while self.state.global_step < self.total_steps:
+                epoch_start = time.monotonic()
+                self.train_epoch()
+                self.train_seconds += time.monotonic() - epoch_start
+                self.state.epoch = self.train_loader.state.epoch
+                finished = self.state.global_step >= self.total_steps
+                is_best = False
+                if finished or self.state.epoch % self.recipe.train.eval_every == 0:
+                    is_best = self.evaluate()
+                self.save(is_best)  # at every epoch end, and at the end
+                if not finished and agree(self.device, self.stop.is_set())[0]:
+                    self.interrupt()
+            if not self.metrics:  # resumed after the last evaluation
+                self.evaluate()
+            summary = self.finish()
+        except BaseException:
+            self.reporter.failed()
+            raise
+        self.close()
+        return summary
+
+    def train_epoch(self) -> None:
+        """The rest of the current epoch (or up to ``train.max_steps``), one optimizer step at a time,
+        with the per-step agreement of all ranks on divergence, stop requests and time-based saves."""
+        self.engine.train()
+        for images, targets in self._timed(self.train_loader):
+            loss, grad_norm = self.train_step(images, targets)
+            if loss is None:
+                continue  # accumulating gradients
+            step = self.state.global_step
+            # One collective per step: divergence on any rank, a stop request (signal) on any
+            # rank, and rank 0's clock for time-based saves.
+            diverged, stop_now, save_now = agree(self.device, self.nonfinite, self.stop.is_set(),
+                                                 self.checkpointer.should_save(step, time.monotonic()))
+            if diverged:
+                raise self._diverged(loss)
+            self.nonfinite.zero_()
+            self.scheduler.step_update(step)
+            if self.ema is not None:
+                self.ema.update(self.engine.module, step=step)
+            if step % self.recipe.train.log_every == 0 and self.rank == 0:
+                self._report_step(loss, grad_norm)
+            if stop_now:
+                self.interrupt()
+            if step >= self.total_steps and self.train_loader.state.step < len(self.train_loader):
+                break  # train.max_steps, mid-epoch
+            if save_now:
+                self.save()
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor | None, float | None]:
+        """One micro-batch: forward, backward, DeepSpeed's step. Returns the loss once an optimizer
+        step is complete (None while accumulating) and, on logging steps without ZeRO, the
+        gradient norm before clipping."""
+        t = self.recipe.train
+        loss = self.loss_fn(self.engine(images), targets)
+        if t.precision != "fp16":  # fp16's loss scaler skips steps with inf/NaN gradients itself
+            self.nonfinite |= ~torch.isfinite(loss.detach())
+        self.engine.backward(loss)
+        grad_norm = None
+        if (t.zero_stage == 0 and (self.state.global_step + 1) % t.log_every == 0
+                and self.engine.is_gradient_accumulation_boundary()):
+            # DeepSpeed records the norm only in its ZeRO optimizers; before step() clips
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+            if self.grad_scaler is not None:  # fp16: the gradients are still multiplied by the loss scale
+                grad_norm /= self.grad_scaler.get_scale()
+        self.engine.step()
+        if self.engine.global_steps == self.state.global_step:
+            return None, None
+        self.state.global_step = self.engine.global_steps
+        return loss, grad_norm
+
+    def evaluate(self) -> bool:
+        """The raw and EMA models on the val split, logged; whether the raw top-1 is the best so far."""
+        raw = evaluate(self.engine.module, self.val_loader, self.device, self.recipe.train.precision)
+        metrics = {"val/top1": raw["top1"], "val/top5": raw["top5"], "val/loss": raw["loss"],
+                   "val/num_images": raw["count"], "val/quarantined": raw["quarantined"]}
+        if self.ema is not None:
+            averaged = evaluate(self.ema.module, self.val_loader, self.device, self.recipe.train.precision)
+            metrics.update({"val/top1_ema": averaged["top1"], "val/top5_ema": averaged["top5"],
+                            "val/loss_ema": averaged["loss"]})
+        self.reporter.evaluated(self.state, metrics)
+        self.metrics = metrics
+        is_best = metrics["val/top1"] > self.state.best_top1
+        self.state.best_top1 = max(self.state.best_top1, metrics["val/top1"])
+        return is_best
+
+    def save(self, is_best: bool = False) -> Path:
+        self.state.elapsed_s = self.elapsed_before + time.monotonic() - self.session_start
+        if self.rank == 0:
+            self.state.mlflow_run_id = self.reporter.run_id or self.state.mlflow_run_id  # None while MLflow is away
+        return self.checkpointer.save(self.state, self.train_loader, is_best)
+
+    def interrupt(self) -> None:
+        saved = self.save()
+        self.reporter.interrupted(self.state, saved)
+        raise Interrupted(self.state.global_step)
+
+    def finish(self) -> dict[str, float]:
+        """The final top-1 summary; rank 0 exports the last checkpoint's weights and reports."""
+        summary = {"top1": self.metrics["val/top1"], "best_top1": self.state.best_top1}
+        if self.ema is not None:
+            summary["top1_ema"] = self.metrics["val/top1_ema"]
+        steps = self.state.global_step - self.session_step
+        global_batch = self.recipe.train.batch_per_device * self.recipe.train.grad_accum * self.world
+        images_per_s = steps * global_batch / self.train_seconds if steps else None
+        self.state.elapsed_s = self.elapsed_before + time.monotonic() - self.session_start
+        exported = export(Path(self.recipe.output_dir)) if self.rank == 0 else []
+        self.reporter.finished(self.state, summary, self.metrics, exported, images_per_s)
+        return summary
+
+    def close(self) -> None:
+        torch.distributed.barrier()
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+    # ------------------------------------------------------------ helpers
+
+    def _timed(self, loader: TrainLoader):
+        """The loader's batches, each with the time spent waiting for it reported."""
+        batches = iter(loader)
+        while True:
+            start = time.monotonic()
+            try:
+                images, targets = next(batches)
+            except StopIteration:
+                return
+            self.reporter.waited(time.monotonic() - start, images.shape[0] * self.world)
+            yield images, targets
+
+    def _report_step(self, loss: torch.Tensor, grad_norm: float | None) -> None:
+        step = self.state.global_step
+        per_step = (time.monotonic() - self.session_start) / max(step - self.session_step, 1)
+        if grad_norm is None:
+            grad_norm = float(self.engine.get_global_grad_norm())
+        self.reporter.step(self.state, self.total_steps, loss.item(), self.optimizer.param_groups[0]["lr"], grad_norm,
+                           eta_s=(self.total_steps - step) * per_step)
+
+    def _diverged(self, loss: torch.Tensor) -> TrainingDiverged:
+        last_good = self.checkpointer.latest()
+        return TrainingDiverged(
+            f"loss became NaN or infinite (rank {self.rank}: {loss.item()}) in step {self.state.global_step}, "
+            f"epoch {self.state.epoch}; stopped without saving: "
+            + (f"the last good checkpoint is {last_good}" if last_good else "there is no checkpoint yet"))
+
+
+def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None) -> dict[str, float]:
+    """Train ``recipe`` on this rank; returns the final top-1 summary."""
+    return Trainer(recipe, recipe_text, stop).train()
