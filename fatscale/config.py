@@ -4,7 +4,8 @@
 
 Sections (every key optional except where a default cannot exist: ``model.name``, ``data.shards``
 and ``train.epochs``): ``model``, ``data``, ``aug``, ``train``, ``optim``, ``ema``,
-``checkpoint``, ``tracking``, ``slurm``, and top-level ``output_dir``, ``seed``. The schema is the
+``checkpoint``, ``tracking``, ``slurm``, and top-level ``output_dir``, ``seed``; ``data.resolution``
+is a section within ``data`` (``--set data.resolution.start=128``). The schema is the
 dataclasses below: each key is a ``setting`` with its default and the check its value must pass,
 side by side; a section's checks across keys are its ``_check_together``. Every section checks
 itself when it is made, so a ``DataConfig`` or ``AugConfig`` in hand is a valid one. Unknown keys,
@@ -18,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import sys
 import types
 import typing
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -130,7 +133,52 @@ class ModelConfig(_Section):
     bidirectional: bool = False
     grad_checkpointing: tuple[int, ...] = setting(  # stages to recompute in backward
         (), must(lambda v: all(0 <= s < STAGES for s in v), f"stage indices 0..{STAGES - 1}"))
-    compile: bool = False
+    compile: bool = False  # torch.compile through the DeepSpeed engine
+    # torch.compile's backend: inductor generates kernels (minutes per graph on a small CPU);
+    # aot_eager traces the same graphs without code generation (quick checks).
+    compile_backend: str = setting("inductor", must(lambda v: v in ("inductor", "aot_eager", "eager"),
+                                                    "inductor, aot_eager or eager"))
+
+
+MIN_IMG_SIZE = 32  # FAT's smallest input (every conv pads k//2; stride-2 ones round odd sizes up)
+
+
+@dataclass(frozen=True)
+class ResolutionConfig(_Section):
+    """Progressive resolution (the recipe's ``data.resolution``): the train crop size of each epoch.
+    Epochs before ``ramp[0]`` train at ``start``, epochs from ``ramp[1]`` on at ``end``, the ones
+    between at the linear ramp from one to the other rounded to the nearest multiple of ``step``
+    (halves up); epochs count from 0, as ``TrainLoader.state.epoch`` does. ``ramp[0] == ramp[1]``
+    is a switch from ``start`` to ``end`` at that epoch; ``end`` below ``start`` ramps down."""
+
+    start: int = setting(check=at_least(MIN_IMG_SIZE))
+    end: int = setting(check=at_least(MIN_IMG_SIZE))
+    ramp: tuple[int, int] = setting(check=must(lambda v: 0 <= v[0] <= v[1], "[first, last] epochs, 0 <= first <= last"))
+    step: int = setting(32, POSITIVE)
+
+    def _check_together(self) -> None:
+        for name in ("start", "end"):  # then every size of the ramp is a multiple of step in [start, end]
+            if getattr(self, name) % self.step:
+                raise RecipeError(f"{name}: must be a multiple of data.resolution.step ({self.step}), "
+                                  f"got {getattr(self, name)}")
+
+    def train_size(self, epoch: int) -> int:
+        """The train crop size of ``epoch`` (0-based)."""
+        first, last = self.ramp
+        if epoch < first:
+            return self.start
+        if epoch >= last:
+            return self.end
+        size = Fraction(self.start) + Fraction((self.end - self.start) * (epoch - first), last - first)
+        return math.floor(size / self.step + Fraction(1, 2)) * self.step
+
+
+def _eval_sizes(sizes: tuple[int, ...]) -> str | None:
+    if any(size < MIN_IMG_SIZE for size in sizes):
+        return f"must be sizes of at least {MIN_IMG_SIZE}, got {list(sizes)!r}"
+    if len(set(sizes)) < len(sizes):
+        return f"must be distinct sizes, got {list(sizes)!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -138,13 +186,29 @@ class DataConfig(_Section):
     """Where the shards are and how the loader runs (the recipe's ``data`` section)."""
 
     shards: str
-    img_size: int = setting(224, at_least(32))
+    img_size: int = setting(224, at_least(MIN_IMG_SIZE))  # eval size; the train size too without resolution
+    resolution: ResolutionConfig | None = None  # None: every epoch trains at img_size
+    eval_sizes: tuple[int, ...] = setting((), _eval_sizes)  # more eval sizes, besides img_size (e.g. [256])
     crop_pct: float = setting(0.875, must(lambda v: 0 < v <= 1, "in (0, 1]"))
     num_threads: int = setting(4, at_least(1))
     decode_device: str = setting("auto", must(lambda v: v in DECODE_DEVICES, "auto, mixed or cpu"))
     shuffle_buffer: int = setting(4096, at_least(1))
     prefetch: int = setting(2, at_least(1))
     channels_last: bool = True
+
+    def _check_together(self) -> None:
+        if self.img_size in self.eval_sizes:
+            raise RecipeError(f"eval_sizes: {self.img_size} is data.img_size, evaluated already: list only the "
+                              f"other sizes, got {list(self.eval_sizes)!r}")
+
+    def train_size(self, epoch: int) -> int:
+        """The train crop size of ``epoch`` (0-based): ``resolution``'s, else ``img_size``."""
+        return self.img_size if self.resolution is None else self.resolution.train_size(epoch)
+
+    @property
+    def val_sizes(self) -> tuple[int, ...]:
+        """The sizes to evaluate at: ``img_size`` first, then ``eval_sizes``."""
+        return (self.img_size, *self.eval_sizes)
 
 
 @dataclass(frozen=True)
@@ -199,6 +263,7 @@ class OptimConfig(_Section):
     warmup_epochs: float = setting(20, NON_NEGATIVE)
     warmup_lr: float = setting(5e-7, NON_NEGATIVE)
     min_lr: float = setting(5e-6, NON_NEGATIVE)
+    fused: bool = True  # torch's fused AdamW kernel on GPUs (one kernel for all parameters); CPUs: the plain one
 
 
 @dataclass(frozen=True)
@@ -263,6 +328,10 @@ class Recipe(_Section):
     def _check_together(self) -> None:
         if (self.aug.mixup > 0 or self.aug.cutmix > 0) and self.train.batch_per_device % 2:
             raise RecipeError(f"train.batch_per_device: Mixup/CutMix needs an even batch, got {self.train.batch_per_device}")
+        resolution, epochs = self.data.resolution, self.train.epochs
+        if resolution is not None and resolution.ramp[1] >= epochs:
+            raise RecipeError(f"data.resolution.ramp: ends at epoch {resolution.ramp[1]}, not before train.epochs "
+                              f"{epochs} (epochs 0..{epochs - 1}): data.resolution.end {resolution.end} is never reached")
 
 
 def _type_name(tp: Any) -> str:
@@ -288,7 +357,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, option, where)
             except RecipeError as e:
                 errors.append(str(e))
-        raise errors[0] if len(errors) == 1 else RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise RecipeError(errors[0]) if len(errors) == 1 else RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(tp) or isinstance(value, bool) != any(isinstance(a, bool) for a in typing.get_args(tp)):
             choices = ", ".join(repr(a) for a in typing.get_args(tp))

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 import fatscale  # noqa: F401
-from fatscale.config import RecipeError, flatten, load_recipe, resolve, to_dict
+from fatscale.config import RecipeError, ResolutionConfig, dump, flatten, load_recipe, resolve, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -78,6 +78,94 @@ def test_bad_recipes_fail_with_one_line_naming_file_and_key(tmp_path, change, me
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("resolution,epochs,sizes", [
+    ({"start": 160, "end": 224, "ramp": [2, 6]}, 8, [160, 160, 160, 192, 192, 224, 224, 224]),  # 176, 208: halves up
+    ({"start": 128, "end": 256, "ramp": [0, 3]}, 5, [128, 160, 224, 256, 256]),  # 170.7 -> 160, 213.3 -> 224
+    ({"start": 128, "end": 224, "ramp": [1, 7], "step": 16}, 9, [128, 128, 144, 160, 176, 192, 208, 224, 224]),
+    ({"start": 256, "end": 128, "ramp": [0, 4]}, 6, [256, 224, 192, 160, 128, 128]),  # down
+    ({"start": 128, "end": 224, "ramp": [3, 3]}, 5, [128, 128, 128, 224, 224]),  # a switch
+    (None, 3, [224, 224, 224]),  # no schedule: data.img_size
+])
+def test_the_resolution_schedule_gives_each_epoch_s_train_size(tmp_path, resolution, epochs, sizes):
+    recipe = minimal(tmp_path)
+    recipe["data"]["resolution"], recipe["train"]["epochs"] = resolution, epochs
+    data = load_recipe(write(tmp_path, recipe), check_shards=False).data
+    assert [data.train_size(epoch) for epoch in range(epochs)] == sizes
+    assert data.img_size == 224 and data.val_sizes == (224,)  # the eval size stays data.img_size
+
+
+RAMP = {"start": 160, "end": 224, "ramp": [2, 6]}
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"resolution": {**RAMP, "start": 16}}, "data.resolution.start: must be at least 32, got 16"),
+    ({"resolution": {**RAMP, "start": 0, "end": 0}}, "data.resolution.start: must be at least 32, got 0"),
+    ({"resolution": {**RAMP, "end": 24, "step": 8}}, "data.resolution.end: must be at least 32, got 24"),
+    ({"resolution": {**RAMP, "start": 160.0}}, "data.resolution.start: expected an integer, got 160.0"),
+    ({"resolution": {**RAMP, "end": "224"}}, "data.resolution.end: expected an integer, got '224'"),
+    ({"resolution": {**RAMP, "start": 150}}, "data.resolution.start: must be a multiple of data.resolution.step (32), got 150"),
+    ({"resolution": {**RAMP, "end": 230}},  # the rounded ramp would never reach it
+     "data.resolution.end: must be a multiple of data.resolution.step (32), got 230"),
+    ({"resolution": {**RAMP, "ramp": [6, 2]}},
+     "data.resolution.ramp: must be [first, last] epochs, 0 <= first <= last, got (6, 2)"),
+    ({"resolution": {**RAMP, "ramp": [-1, 2]}},
+     "data.resolution.ramp: must be [first, last] epochs, 0 <= first <= last, got (-1, 2)"),
+    ({"resolution": {**RAMP, "ramp": [2, 10]}}, "data.resolution.ramp: ends at epoch 10, not before train.epochs 10 "
+                                                "(epochs 0..9): data.resolution.end 224 is never reached"),
+    ({"resolution": {**RAMP, "ramp": [12, 12]}}, "data.resolution.ramp: ends at epoch 12, not before train.epochs 10 "
+                                                 "(epochs 0..9): data.resolution.end 224 is never reached"),
+    ({"resolution": {**RAMP, "ramp": [2]}}, "data.resolution.ramp: expected a list of 2 values, got [2]"),
+    ({"resolution": {**RAMP, "ramp": [2, 6.5]}}, "data.resolution.ramp[1]: expected an integer, got 6.5"),
+    ({"resolution": {**RAMP, "step": 0}}, "data.resolution.step: must be positive, got 0"),
+    ({"resolution": {**RAMP, "step": -32}}, "data.resolution.step: must be positive, got -32"),
+    ({"resolution": {"start": 160, "ramp": [2, 6]}}, "data.resolution.end: required"),
+    ({"resolution": {**RAMP, "steps": 32}}, "data.resolution.steps: unknown key (allowed: start, end, ramp, step)"),
+    ({"resolution": 224}, "data.resolution: expected a mapping, got 224"),
+    ({"eval_sizes": [16]}, "data.eval_sizes: must be sizes of at least 32, got [16]"),
+    ({"eval_sizes": [256, 256]}, "data.eval_sizes: must be distinct sizes, got [256, 256]"),
+    ({"eval_sizes": [256, 224]},
+     "data.eval_sizes: 224 is data.img_size, evaluated already: list only the other sizes, got [256, 224]"),
+    ({"eval_sizes": 256}, "data.eval_sizes: expected a list, got 256"),
+    ({"eval_sizes": [256.5]}, "data.eval_sizes[0]: expected an integer, got 256.5"),
+])
+def test_bad_resolution_schedules_and_eval_sizes_fail_at_load_in_one_line(tmp_path, data, message):
+    recipe = minimal(tmp_path)
+    recipe["data"].update(data)
+    recipe["train"]["epochs"] = 10
+    path = write(tmp_path, recipe)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path, check_shards=False)
+    assert str(error.value) == f"{path}: {message}"
+
+
+def test_resolution_and_eval_sizes_from_overrides_dump_and_flatten(tmp_path):
+    path = write(tmp_path, minimal(tmp_path))
+    sets = ["data.resolution.start=128", "data.resolution.end=192", "data.resolution.ramp=[0, 2]", "data.eval_sizes=[256]"]
+    r = load_recipe(path, sets, check_shards=False)
+    assert r.data.resolution == ResolutionConfig(start=128, end=192, ramp=(0, 2), step=32)
+    assert [r.data.train_size(e) for e in range(3)] == [128, 160, 192] and r.data.val_sizes == (224, 256)
+    assert resolve(yaml.safe_load(dump(r)), "printed") == r  # what python -m fatscale.config prints loads back
+    assert yaml.safe_load(dump(r))["data"]["resolution"] == {"start": 128, "end": 192, "ramp": [0, 2], "step": 32}
+    flat = flatten(to_dict(r))
+    assert (flat["data.resolution.start"], flat["data.resolution.ramp"], flat["data.eval_sizes"]) == (128, (0, 2), (256,))
+    assert load_recipe(path, sets + ["data.resolution.start=96"], check_shards=False).data.train_size(0) == 96
+    assert load_recipe(path, sets + ["data.resolution=null"], check_shards=False).data.resolution is None
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path, ["data.resolution.start=128"], check_shards=False)
+    assert str(error.value) == f"{path}: data.resolution.end: required"
+    with pytest.raises(RecipeError) as error:  # a key of a section within a section is checked too
+        load_recipe(path, sets + ["train.epochs=2"], check_shards=False)
+    assert str(error.value).startswith(f"{path}: data.resolution.ramp: ends at epoch 2, not before train.epochs 2")
+
+
+def test_an_optional_key_of_the_wrong_type_is_a_recipe_error(tmp_path):
+    # An Optional key's one error used to be raised as a bare string (TypeError).
+    path = write(tmp_path, minimal(tmp_path))
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path, ["model.num_classes=ten"], check_shards=False)
+    assert str(error.value) == f"{path}: model.num_classes: expected an integer, got 'ten'"
+
+
 def test_importing_the_schema_imports_neither_torch_timm_nor_dali():
     code = ("import sys, fatscale.config; "
             "print(sorted(m for m in ('torch', 'timm', 'nvidia.dali', 'torchvision') if m in sys.modules))")
@@ -103,6 +191,8 @@ def test_sections_check_themselves_when_made():
         AugConfig(rand_augment="rand-m9-bogus")
     with pytest.raises(RecipeError, match=r"^tasks_per_node: required when slurm.gpus_per_node is 0"):
         SlurmConfig(gpus_per_node=0)
+    with pytest.raises(RecipeError, match=r"^end: must be a multiple of data.resolution.step \(32\), got 230$"):
+        ResolutionConfig(start=160, end=230, ramp=(0, 2))
     assert AugConfig(rand_augment="").rand_augment == ""  # off, as null
 
 

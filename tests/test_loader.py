@@ -1,6 +1,7 @@
 """DALI loaders (CPU operators) over real shards of real JPEGs made by make_shards."""
 
 import gc
+import itertools
 import json
 import random
 from pathlib import Path
@@ -12,7 +13,7 @@ from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
 import fatscale  # noqa: F401
-from fatscale.config import AugConfig, DataConfig
+from fatscale.config import AugConfig, DataConfig, ResolutionConfig
 from fatscale.data.loader import TrainLoader, ValLoader, decode_labels, resolve_decode_device
 from fatscale.data.manifest import load_manifest
 from fatscale.data import rand_augment_spec
@@ -57,7 +58,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def data_cfg(shards: Path, **overrides) -> DataConfig:
-    return DataConfig(shards=str(shards), img_size=IMG, num_threads=1, shuffle_buffer=8, **overrides)
+    return DataConfig(**{"shards": str(shards), "img_size": IMG, "num_threads": 1, "shuffle_buffer": 8, **overrides})
 
 
 def denormalize_mean_rgb(images: torch.Tensor) -> np.ndarray:
@@ -207,6 +208,92 @@ def test_state_dict_round_trip_mid_epoch_gives_the_same_following_batches(shards
     assert_same_batches(run_epochs(loader, 2), following)
     with pytest.raises(ValueError, match="step 10 of an epoch of 9 steps"):
         fresh.load_state_dict({**state, "step": 10})
+
+
+# Progressive resolution: 32 px for epochs 0-1, the ramp's 48 in epoch 2, 64 from epoch 3 on.
+RAMP = ResolutionConfig(start=32, end=64, ramp=(1, 3), step=16)
+RAMP_SIZES = [32, 32, 48, 64]
+RAMP_AUG = AugConfig(reprob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)  # RandAugment on: draws show
+
+
+def sized_epochs(loader: TrainLoader, epochs: int) -> tuple[list[int], list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """The loader's img_size at the start of each epoch, and each epoch's batches."""
+    sizes, batches = [], []
+    for _ in range(epochs):
+        sizes.append(loader.img_size)
+        batches.append(run_epochs(loader, 1))
+    return sizes, batches
+
+
+@pytest.fixture(scope="module")
+def ramp_run(shards):
+    """RAMP over len(RAMP_SIZES) epochs, uninterrupted: the reference of the tests below."""
+    return sized_epochs(train_loader(shards, RAMP_AUG, resolution=RAMP), len(RAMP_SIZES))
+
+
+def test_the_resolution_schedule_sets_each_epoch_s_train_size(ramp_run):
+    assert [RAMP.train_size(e) for e in range(6)] == RAMP_SIZES + [64, 64]
+    sizes, epochs = ramp_run
+    assert sizes == RAMP_SIZES
+    for size, batches in zip(RAMP_SIZES, epochs):
+        assert len(batches) == NUM_TRAIN // 4
+        assert {tuple(x.shape) for x, _ in batches} == {(4, 3, size, size)}
+        assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in batches)
+
+
+def test_a_size_change_keeps_reader_order_and_random_draws(shards, ramp_run):
+    """The pipeline rebuilt for a new size restores DALI's checkpoint: the samples and every random
+    draw (crop, flip, RandAugment) are those of a run at that size all along. (A pipeline started
+    afresh at the new size would repeat epoch 0's order and draws.)"""
+    _, epochs = ramp_run
+    for size in sorted(set(RAMP_SIZES) - {RAMP.start}):
+        last = max(e for e, s in enumerate(RAMP_SIZES) if s == size)
+        constant = sized_epochs(train_loader(shards, RAMP_AUG, img_size=size), last + 1)[1]
+        for e in range(last + 1):
+            assert [y.tolist() for _, y in epochs[e]] == [y.tolist() for _, y in constant[e]]  # same order
+            if RAMP_SIZES[e] == size:
+                assert_same_batches(epochs[e], constant[e])  # bitwise: same draws
+
+
+@pytest.mark.parametrize("epochs,steps", [
+    (1, 9),  # every batch of the epoch before the change handed out, the epoch not yet ended
+    (2, 0),  # at the boundary: the state a trainer saves at the end of epoch 1
+    (2, 1),  # just after the change, at 48 px
+    (3, 4),  # mid-epoch at the end size
+])
+def test_resume_anywhere_on_the_ramp_continues_exactly(shards, ramp_run, epochs, steps):
+    """Stopped after ``epochs`` epochs and ``steps`` batches, saved, and resumed in a new loader:
+    the batches are bitwise those of the uninterrupted run, at each epoch's size."""
+    _, reference = ramp_run
+    loader = train_loader(shards, RAMP_AUG, resolution=RAMP)
+    before = run_epochs(loader, epochs)
+    before += [(x.clone(), y.clone()) for x, y in itertools.islice(iter(loader), steps)]
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert (state["epoch"], state["step"]) == (epochs, steps)
+    resumed = train_loader(shards, RAMP_AUG, state=state, resolution=RAMP)
+    assert resumed.img_size == RAMP_SIZES[epochs]
+    after = run_epochs(resumed, len(RAMP_SIZES) - epochs)  # the rest of this epoch, then the others
+    assert_same_batches(before + after, [batch for epoch in reference for batch in epoch])
+
+
+def test_val_at_two_sizes_gives_those_sizes_and_the_same_samples(shards):
+    cfg = data_cfg(shards, eval_sizes=(48,))
+    assert cfg.val_sizes == (IMG, 48)
+    loaders = [ValLoader(load_manifest(shards), cfg, batch_size=8, img_size=size) for size in cfg.val_sizes]
+    assert ValLoader(load_manifest(shards), cfg, batch_size=8).img_size == IMG  # default: data.img_size
+    results = []
+    for size, loader in zip(cfg.val_sizes, loaders):
+        batches = list(loader)
+        assert {tuple(x.shape[1:]) for x, _ in batches} == {(3, size, size)}
+        labels = [label for _, y in batches for label in y.tolist()]
+        assert sorted(labels) == list(range(NUM_VAL))  # every sample once
+        for x, y in batches:
+            for rgb, label in zip(denormalize_mean_rgb(x), y.tolist()):
+                assert nearest_colour_index(rgb, NUM_VAL) == label
+        results.append(labels)
+    assert results[0] == results[1]  # in the same order
+    with pytest.raises(ValueError, match="val img_size 16: must be at least 32"):
+        ValLoader(load_manifest(shards), cfg, batch_size=8, img_size=16)
 
 
 def test_rand_augment_spec_follows_timm():

@@ -7,8 +7,18 @@ order after each epoch -> decode fused with the random-resized crop (``mixed`` =
 or colour jitter -> flip + normalise -> on the training device: random erasing and
 Mixup/CutMix + label smoothing (timm's, per batch).
 
-Val: resize the shorter side to ``img_size / crop_pct`` (bicubic), centre crop, normalise; every
-sample is evaluated exactly once over all ranks (no padding samples counted).
+Val: resize the shorter side to ``floor(img_size / crop_pct)`` (bicubic), centre crop
+``img_size``, normalise; every sample is evaluated exactly once over all ranks (no padding samples
+counted). ``img_size`` is ``data.img_size`` or one given to ``ValLoader`` (one loader per size of
+``DataConfig.val_sizes``).
+
+Train size: epoch ``e`` (``state.epoch``, from 0) crops to ``DataConfig.train_size(e)``
+(``data.resolution``, else ``data.img_size``), ``TrainLoader.img_size``. The size is a scalar
+argument of the graph, so where it changes, at an epoch boundary, the pipeline is rebuilt for the
+new size from DALI's checkpoint taken at that boundary (as a resumed run's is): the graph is the
+same, so the reader's position and shuffle and every random operator's state carry over, and
+reader order and random draws (crop windows, flips, RandAugment) are those of a run at a constant
+size. The rebuild costs what a resume does (a pipeline build, the shuffle buffer refilled).
 
 Epochs (train): the reader's ranges split the N samples into ``world_size`` contiguous parts of
 ``floor(N / W)`` or ``ceil(N / W)`` samples. Every rank yields exactly
@@ -22,7 +32,8 @@ Corrupt images: a sample DALI's decoder fails on is found, reported (log warning
 Position: ``TrainLoader.state_dict()`` (plain, JSON-able data) holds the epoch, the batches handed
 out in it, DALI's checkpoint of the pipeline (reader position, shuffle buffer and every random
 operator's state) after the last of them and the quarantine; ``load_state_dict`` of it, in a new
-loader or this one, continues with exactly the batches that had not been handed out. (Random
+loader or this one, continues with exactly the batches that had not been handed out, at the size
+of the saved epoch (the size is not saved: it follows from the epoch and ``data``). (Random
 erasing and Mixup draw from the host's generators, which the trainer saves.)
 
 ``DataConfig`` and ``AugConfig`` are the recipe's sections (fatscale.config), valid once made.
@@ -47,7 +58,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.data.random_erasing import RandomErasing
 
-from fatscale.config import AugConfig, DataConfig, train_steps_per_epoch
+from fatscale.config import MIN_IMG_SIZE, AugConfig, DataConfig, train_steps_per_epoch
 from fatscale.data.manifest import Manifest
 from fatscale.data.quarantine import DecodeCheck, QuarantinedSample, parse_source_info, read_member, write_patched_index
 from fatscale.data.rand_augment import RandAugmentSpec, rand_augment
@@ -115,7 +126,7 @@ def _read(paths, index_paths, info_len: int, probe: bool, **reader_args):
 
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
 def _train_pipeline(paths, index_paths, info_len: int, probe: bool, cfg: DataConfig, aug: AugConfig, decode: str,
-                    shard_id: int, num_shards: int, shuffle_seed: int):
+                    shard_id: int, num_shards: int, shuffle_seed: int, img_size: int):
     encoded, labels, info = _read(
         paths, index_paths, info_len, probe, shard_id=shard_id, num_shards=num_shards,
         random_shuffle=True,
@@ -132,7 +143,7 @@ def _train_pipeline(paths, index_paths, info_len: int, probe: bool, cfg: DataCon
         random_aspect_ratio=list(aug.ratio),
         num_attempts=10,
     )
-    size = (cfg.img_size, cfg.img_size)
+    size = (img_size, img_size)  # only a scalar argument: a checkpoint restores across sizes (TrainLoader)
     images = fn.resize(images, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
     if aug.rand_augment:
         images = rand_augment(images, RandAugmentSpec(aug.rand_augment), shape=size, interp=aug.rand_augment_interp)
@@ -151,7 +162,7 @@ def _train_pipeline(paths, index_paths, info_len: int, probe: bool, cfg: DataCon
 
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
 def _val_pipeline(paths, index_paths, info_len: int, probe: bool, cfg: DataConfig, decode: str, shard_id: int,
-                  num_shards: int):
+                  num_shards: int, img_size: int):
     encoded, labels, info = _read(
         paths, index_paths, info_len, probe, shard_id=shard_id, num_shards=num_shards,
         stick_to_shard=True,
@@ -160,11 +171,11 @@ def _val_pipeline(paths, index_paths, info_len: int, probe: bool, cfg: DataConfi
     images = fn.decoders.image(encoded, device=decode, output_type=types.RGB)
     images = fn.resize(
         images,
-        resize_shorter=math.floor(cfg.img_size / cfg.crop_pct),  # timm's eval scale size
+        resize_shorter=math.floor(img_size / cfg.crop_pct),  # timm's eval scale size
         interp_type=types.INTERP_CUBIC,
         antialias=True,
     )
-    images = fn.crop(images, crop=(cfg.img_size, cfg.img_size), crop_pos_x=0.5, crop_pos_y=0.5)
+    images = fn.crop(images, crop=(img_size, img_size), crop_pos_x=0.5, crop_pos_y=0.5)
     return _normalize(images, cfg), labels, info
 
 
@@ -200,6 +211,7 @@ class _DaliSplit:
     """One split's DALI pipeline and iterator, with recovery from undecodable samples."""
 
     policy: LastBatchPolicy
+    img_size: int  # the size the pipeline yields now; it is (re)built for it when that changes
 
     def __init__(self, manifest: Manifest, split: str, cfg: DataConfig, batch_size: int, rank: int,
                  world_size: int, device: torch.device, seed: int, quarantine: list[dict]):
@@ -220,14 +232,17 @@ class _DaliSplit:
         self._patched_dir: tempfile.TemporaryDirectory | None = None  # removed with the loader, or at exit
         self._last_good: bytes | None = None  # where the pipeline (re)starts: after the last batch handed out
         self._it: DALIGenericIterator | None = None  # built by the first batch asked for
+        self._built_size: int | None = None  # the img_size _it yields
         log.info("%s loader: rank %d/%d, decode on %s", split, rank, world_size, self.decode)
 
     def _pipeline(self, index_paths: list[str], probe: bool, **kwargs):
         raise NotImplementedError
 
     def _start(self, checkpoint: bytes | None) -> None:
-        """(Re)build the pipeline at ``checkpoint`` (None: the start of the first epoch)."""
+        """(Re)build the pipeline at ``checkpoint`` (None: the start of the first epoch), for ``img_size``."""
+        self._it = None  # the old pipeline goes first (its buffers, on a GPU)
         pipe = self._pipeline(self._current_index_paths(), False, **self._pipe_kwargs(checkpoint))
+        self._built_size = self.img_size
         self._it = DALIGenericIterator([pipe], ["images", "labels", "info"], reader_name=READER,
                                        last_batch_policy=self.policy, auto_reset=False, prepare_first_batch=False)
         self._last_good = checkpoint
@@ -256,7 +271,7 @@ class _DaliSplit:
 
     def _next(self) -> dict:
         """The next batch; raises StopIteration at the end of the reader's epoch."""
-        if self._it is None:
+        if self._it is None or self._built_size != self.img_size:
             self._start(self._last_good)
         try:
             batch = next(self._it)[0]
@@ -336,9 +351,14 @@ class TrainLoader(_DaliSplit):
         )
         self._last_good = _decode_checkpoint(self.state.checkpoint)
 
+    @property
+    def img_size(self) -> int:
+        """The train crop size of the current epoch (``state.epoch``): ``DataConfig.train_size``."""
+        return self.cfg.train_size(self.state.epoch)
+
     def _pipeline(self, index_paths: list[str], probe: bool, **kwargs):
         return _train_pipeline(self.paths, index_paths, self.info_len, probe, self.cfg, self.aug, self.decode,
-                               self.rank, self.world_size, self.seed, **kwargs)
+                               self.rank, self.world_size, self.seed, self.img_size, **kwargs)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -390,7 +410,10 @@ class ValLoader(_DaliSplit):
     policy = LastBatchPolicy.PARTIAL
 
     def __init__(self, manifest: Manifest, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", img_size: int | None = None):
+        self.img_size = cfg.img_size if img_size is None else img_size  # one of cfg.val_sizes, for the trainer
+        if self.img_size < MIN_IMG_SIZE:
+            raise ValueError(f"val img_size {self.img_size}: must be at least {MIN_IMG_SIZE}")
         super().__init__(manifest, "val", cfg, batch_size, rank, world_size, torch.device(device), 0, [])
         # The reader's split of N samples over W shards: [floor(N r / W), floor(N (r + 1) / W)).
         self.rank_samples = (self.num_samples * (rank + 1)) // world_size - (self.num_samples * rank) // world_size
@@ -398,7 +421,7 @@ class ValLoader(_DaliSplit):
 
     def _pipeline(self, index_paths: list[str], probe: bool, **kwargs):
         return _val_pipeline(self.paths, index_paths, self.info_len, probe, self.cfg, self.decode, self.rank,
-                             self.world_size, **kwargs)
+                             self.world_size, self.img_size, **kwargs)
 
     def __len__(self) -> int:
         return math.ceil(self.rank_samples / self.batch_size)
