@@ -42,6 +42,23 @@ def test_official_setup_in_300ep_recipes(variant, drop_path):
     assert (a.rand_augment, a.color_jitter, a.reprob, a.mixup, a.cutmix, a.label_smoothing) == (
         "rand-m9-mstd0.5-inc1", 0.4, 0.25, 0.8, 1.0, 0.1)
     assert (r.data.crop_pct, r.data.img_size) == (0.875, 224) and r.ema.enabled
+    # the fast path, on by default: compiled (inductor), channels_last, bf16, fused AdamW
+    assert (r.model.compile, r.model.compile_backend, r.data.channels_last, r.optim.fused) == (True, "inductor", True, True)
+    assert r.data.resolution is None and r.data.eval_sizes == ()
+
+
+@pytest.mark.parametrize("variant", ["b0", "b3"])
+def test_fast_recipes_are_the_official_setup_with_progressive_resolution(variant):
+    fast = load_recipe(REPO / "recipes" / f"fat_{variant}_fast.yaml", check_shards=False)
+    official = load_recipe(REPO / "recipes" / f"fat_{variant}_300ep.yaml", check_shards=False)
+    sizes = [fast.data.train_size(epoch) for epoch in range(fast.train.epochs)]
+    assert {size: sizes.count(size) for size in set(sizes)} == {160: 180, 192: 60, 224: 60}
+    assert sizes[:150] == [160] * 150 and sizes[270:] == [224] * 30 and sizes == sorted(sizes)
+    assert fast.data.eval_sizes == (256,) and fast.data.img_size == 224
+    fast_keys, official_keys = flatten(to_dict(fast)), flatten(to_dict(official))
+    differ = sorted(key for key in fast_keys.keys() | official_keys.keys() if fast_keys.get(key) != official_keys.get(key))
+    assert differ == ["data.eval_sizes", "data.resolution.end", "data.resolution.ramp", "data.resolution.start",
+                      "data.resolution.step", "output_dir", "tracking.run_name"]  # nothing else
 
 
 @pytest.mark.parametrize(
@@ -61,6 +78,8 @@ def test_official_setup_in_300ep_recipes(variant, drop_path):
          "r.yaml: aug.rand_augment_interp: must be auto, nearest or linear, got 'bicubic'"),
         ({"model": {"name": "fat_b9"}}, "r.yaml: model.name: must be a timm model"),
         ({"model": {"name": "fat_b0", "drop_path": 1.5}}, "r.yaml: model.drop_path: must be in [0, 1), got 1.5"),
+        ({"model": {"name": "fat_b0", "compile_backend": "cudagraphs"}},
+         "r.yaml: model.compile_backend: must be inductor, aot_eager or eager, got 'cudagraphs'"),
         ({"train": {"epochs": 3, "batch_per_device": 7}}, "r.yaml: train.batch_per_device: Mixup/CutMix needs an even batch"),
         ({"model": None}, "r.yaml: model: expected a mapping"),
         ({"train": {"epochs": 3, "precision": "fp16", "zero_stage": 1}},

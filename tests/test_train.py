@@ -100,8 +100,11 @@ def test_end_to_end_learns_tracks_and_exports(tmp_path, demo_shards):
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, demo_shards):
+    # Epoch 0 trains at 32 px, epoch 1 at 48 (progressive resolution): a kill in epoch 0 resumes
+    # across the size change, a kill in epoch 1 resumes at the new size.
     settings = dict(train={"epochs": 2, "max_steps": 24, "deterministic": True},
-                    checkpoint={"every_steps": 4, "keep_last": 2})
+                    checkpoint={"every_steps": 4, "keep_last": 2},
+                    data={"resolution": {"start": 32, "end": 48, "ramp": [1, 1], "step": 16}})
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     reference = recipe(tmp_path / "a", demo_shards, **settings)
@@ -377,3 +380,41 @@ def test_logged_grad_norm_and_val_counts_are_true(tmp_path, demo_shards):
     # (fp16's first step may overflow at the initial scale and be skipped, its norm inf or NaN)
     assert len(history["fp16"]) == 2 and 0.5 < history["fp16"][1] / history["fp32"][1] < 2, history
 
+
+
+def test_compile_through_the_engine_matches_eager_across_a_resolution_change(tmp_path, demo_shards):
+    # aot_eager: dynamo's graphs and AOTAutograd through DeepSpeed's engine.compile() without
+    # inductor's code generation, which takes minutes per graph on 2 cores (BENCHMARKS.md).
+    settings = dict(train={"epochs": 2, "deterministic": True}, checkpoint={"every_steps": None},
+                    data={"resolution": {"start": 32, "end": 48, "ramp": [1, 1], "step": 16}, "eval_sizes": [64]})
+    runs = {}
+    for compiled in (False, True):
+        (tmp_path / str(compiled)).mkdir()
+        path = recipe(tmp_path / str(compiled), demo_shards, model={"compile": compiled, "compile_backend": "aot_eager"},
+                      **settings)
+        out = run(path, timeout=900)
+        client = MlflowClient(f"sqlite:///{tmp_path / str(compiled) / 'out'}/mlflow.db")
+        (mlflow_run,) = client.search_runs([client.get_experiment_by_name("fatscale-demo").experiment_id])
+        history = {key: [(m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, key)]
+                   for key in ("train/loss", "train/img_size", "train/compiled_graphs", "val/top1_48px", "val/top1_64px")}
+        weights = load_file(str(tmp_path / str(compiled) / "out" / "export" / "model" / "model.safetensors"))
+        runs[compiled] = (out, mlflow_run, history, weights)
+    (_, eager_run, eager, eager_weights), (out, compiled_run, compiled, weights) = runs[False], runs[True]
+    # The schedule's sizes, step by step (15 steps per epoch), and the same losses within float noise.
+    assert compiled["train/img_size"] == [(5, 32), (10, 32), (15, 32), (20, 48), (25, 48), (30, 48)]
+    assert "epoch 1: training at 48 px" in out
+    for (step, a), (_, b) in zip(eager["train/loss"], compiled["train/loss"]):
+        assert abs(a - b) <= 1e-3 * abs(a), (step, a, b)
+    assert max((weights[k] - eager_weights[k]).abs().max().item() for k in weights) < 1e-3
+    # Recompiles are counted and logged, and bounded: a graph for 32 px, one dynamic graph after the
+    # size change, and eval's (no grad), not one per size and batch.
+    graphs = [value for _, value in compiled["train/compiled_graphs"]]
+    assert graphs == sorted(graphs) and 1 <= graphs[0] < graphs[-1] <= 8, graphs
+    assert "train/compiled_graphs" not in eager_run.data.metrics
+    # Evaluation at the recipe's size and at data.eval_sizes, each logged, the best named.
+    assert [s for s, _ in compiled["val/top1_48px"]] == [s for s, _ in compiled["val/top1_64px"]] == [15, 30]
+    metrics, tags = compiled_run.data.metrics, compiled_run.data.tags
+    assert metrics["top1_48px"] == metrics["top1"] == metrics["val/top1"]
+    best = max((48, 64), key=lambda size: metrics[f"top1_{size}px"])
+    assert tags["best_eval_size"] == str(best)
+    assert f"(best: {best} px)." in tags["mlflow.note.content"]

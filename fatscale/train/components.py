@@ -40,9 +40,11 @@ def lr_scale(recipe: Recipe, world: int) -> float:
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module, world: int) -> torch.optim.Optimizer:
+    """timm's AdamW param groups; torch's fused kernel when ``optim.fused`` and the model is on a GPU."""
     o = recipe.optim
+    fused = o.fused and next(model.parameters()).is_cuda
     return create_optimizer_v2(model, opt="adamw", lr=o.lr * lr_scale(recipe, world), weight_decay=o.weight_decay,
-                               betas=o.betas, eps=o.eps)
+                               betas=o.betas, eps=o.eps, **({"fused": True} if fused else {}))
 
 
 def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, world: int,

@@ -112,15 +112,20 @@ class Reporter:
         self.window["wait"] += seconds
         self.window["images"] += images
 
-    def step(self, state: TrainState, total_steps: int, loss: float, lr: float, grad_norm: float, eta_s: float) -> None:
+    def step(self, state: TrainState, total_steps: int, loss: float, lr: float, grad_norm: float, eta_s: float,
+             img_size: int, compiled_graphs: int | None) -> None:
         """The log line and metrics of step ``state.global_step`` (rank 0, every ``log_every``)."""
         elapsed = time.monotonic() - self.window["start"]
         rate, wait = self.window["images"] / elapsed, self.window["wait"] / elapsed
-        log.info("epoch %d step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f img/s data_wait %.0f%% eta %s",
-                 state.epoch, state.global_step, total_steps, loss, lr, grad_norm, rate, 100 * wait,
-                 time.strftime("%H:%M:%S", time.gmtime(eta_s)))
-        self.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                  "train/images_per_s": rate, "train/data_wait": wait}, state.global_step)
+        compiled = f" compiled_graphs {compiled_graphs}" if compiled_graphs is not None else ""
+        log.info("epoch %d step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f img/s data_wait %.0f%% %d px%s eta %s",
+                 state.epoch, state.global_step, total_steps, loss, lr, grad_norm, rate, 100 * wait, img_size,
+                 compiled, time.strftime("%H:%M:%S", time.gmtime(eta_s)))
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/images_per_s": rate,
+                   "train/data_wait": wait, "train/img_size": img_size}
+        if compiled_graphs is not None:
+            metrics["train/compiled_graphs"] = compiled_graphs
+        self.tracker.log_metrics(metrics, state.global_step)
         self.window = dict(images=0, wait=0.0, start=time.monotonic())
 
     def evaluated(self, state: TrainState, metrics: dict[str, float]) -> None:
@@ -147,7 +152,7 @@ class Reporter:
         if self.rank != 0:
             return
         r, step, tracker = self.recipe, state.global_step, self.tracker
-        tracker.log_metrics({"best_top1": summary["best_top1"]}, step)
+        tracker.log_metrics({key: value for key, value in summary.items() if key == "best_top1" or key.endswith("px")}, step)
         val = f"{self.data_name}/val ({metrics['val/num_images']:.0f} images)"
         for folder, key, which in zip(exported, ("top1", "top1_ema"), ("raw", "EMA")):
             name = f"{r.tracking.run_name}-{r.model.name}" + ("-ema" if key == "top1_ema" else "")
@@ -157,13 +162,21 @@ class Reporter:
                               registered_name=name,
                               description=f"{r.model.name}, {which} weights at step {step}: top-1 {summary[key]:.2f}% on {val}")
         throughput = f", {images_per_s:.0f} images/s" if images_per_s is not None else ""
+        sizes = {int(key[5:-2]): value for key, value in summary.items() if key.startswith("top1_") and key.endswith("px")}
+        by_size = ""
+        if sizes:
+            best = max(sizes, key=sizes.get)
+            tracker.set_tags({"best_eval_size": str(best)})
+            by_size = " Top-1 by eval size: " + ", ".join(f"{s} px {v:.2f}%" for s, v in sizes.items()) + \
+                f" (best: {best} px)."
+            log.info("best eval size: %d px (top-1 %.2f%%)", best, sizes[best])
         ema_text = (f" (EMA {summary['top1_ema']:.2f}%, best {summary['best_top1']:.2f}%)" if "top1_ema" in summary else
                     f" (best {summary['best_top1']:.2f}%)")
         tracker.set_tags({NOTE_TAG: (
             f"**top-1 {summary['top1']:.2f}%**{ema_text} on {val}: {r.model.name} trained on {self.data_name}/train "
             f"({self.manifest.splits['train'].num_samples} images, {self.manifest.num_classes} classes) for "
             f"{state.epoch} epochs ({step} steps){throughput}, {state.elapsed_s * self.world / 3600:.3f} device-hours "
-            f"on {self.devices}.")})
+            f"on {self.devices}.{by_size}")})
         log_file = Path(r.output_dir) / "train.log"
         if log_file.exists():
             tracker.log_artifact(str(log_file))

@@ -49,6 +49,14 @@ class Interrupted(Exception):
         self.step = step
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process: one per input size it specialised for, so a
+    resolution schedule's recompiles show (dynamo's automatic dynamic shapes bound them)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def recipe_changes(old_text: str, new_text: str) -> list[str]:
     """The recipe keys whose values differ between two resolved recipes."""
     old, new = flatten(yaml.safe_load(old_text)), flatten(yaml.safe_load(new_text))
@@ -79,10 +87,11 @@ class Trainer:
         self.optimizer = components.build_optimizer(recipe, model, self.world)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer,
                                                config=components.deepspeed_config(recipe, self.world))
-        if recipe.model.compile:
-            self.engine.compile()
+        # The EMA copies the module before it is compiled: it only evaluates, eagerly.
         self.ema = ModelEmaV3(self.engine.module, decay=recipe.ema.decay, use_warmup=recipe.ema.warmup) \
             if recipe.ema.enabled else None
+        if recipe.model.compile:
+            self.engine.compile(backend=recipe.model.compile_backend)
         self.loss_fn = components.build_loss(recipe)
         self.grad_scaler = components.fp16_grad_scaler(self.engine)
         self.checkpointer = Checkpointer(recipe.checkpoint, output_dir / "checkpoints", self.engine,
@@ -90,7 +99,10 @@ class Trainer:
 
         self.train_loader = TrainLoader(manifest, recipe.data, recipe.aug, t.batch_per_device, self.rank, self.world,
                                         num_classes, self.device, seed=recipe.seed)
-        self.val_loader = ValLoader(manifest, recipe.data, t.val_batch_per_device, self.rank, self.world, self.device)
+        # The recipe's eval size first (its top-1 is val/top1), then data.eval_sizes.
+        self.val_loaders = {size: ValLoader(manifest, recipe.data, t.val_batch_per_device, self.rank, self.world,
+                                            self.device, img_size=size)
+                            for size in dict.fromkeys((recipe.data.img_size, *recipe.data.eval_sizes))}
         self.state, changed = TrainState(), []
         if resumed is not None:
             checkpoint, progress = resumed
@@ -110,6 +122,7 @@ class Trainer:
         self.reporter.started(self.state, recipe_text, changed)
         self.metrics: dict[str, float] = {}  # of the last evaluation
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # a micro-step's loss, since the last step
+        self._last_size = None  # the train size last logged
         self.session_start, self.session_step = time.monotonic(), self.state.global_step
         self.elapsed_before = self.state.elapsed_s  # the sessions before this one
         self.train_seconds = 0.0  # in this session's epochs, for images/s
@@ -145,6 +158,9 @@ class Trainer:
         """The rest of the current epoch (or up to ``train.max_steps``), one optimizer step at a time,
         with the per-step agreement of all ranks on divergence, stop requests and time-based saves."""
         self.engine.train()
+        if self.rank == 0 and self.train_loader.img_size != self._last_size:
+            log.info("epoch %d: training at %d px", self.state.epoch, self.train_loader.img_size)
+            self._last_size = self.train_loader.img_size
         for images, targets in self._timed(self.train_loader):
             loss, grad_norm = self.train_step(images, targets)
             if loss is None:
@@ -193,14 +209,24 @@ class Trainer:
         return loss, grad_norm
 
     def evaluate(self) -> bool:
-        """The raw and EMA models on the val split, logged; whether the raw top-1 is the best so far."""
-        raw = evaluate(self.engine.module, self.val_loader, self.device, self.recipe.train.precision)
-        metrics = {"val/top1": raw["top1"], "val/top5": raw["top5"], "val/loss": raw["loss"],
-                   "val/num_images": raw["count"], "val/quarantined": raw["quarantined"]}
-        if self.ema is not None:
-            averaged = evaluate(self.ema.module, self.val_loader, self.device, self.recipe.train.precision)
-            metrics.update({"val/top1_ema": averaged["top1"], "val/top5_ema": averaged["top5"],
-                            "val/loss_ema": averaged["loss"]})
+        """The raw and EMA models on the val split at every eval size, logged (``val/top1`` at the
+        recipe's eval size, ``val/top1_Spx`` at each: MLflow keys cannot hold "@"); whether the raw
+        top-1 is the best so far."""
+        models = {"": self.engine.module, "_ema": self.ema.module if self.ema is not None else None}
+        metrics: dict[str, float] = {}
+        sized = len(self.val_loaders) > 1  # the keys with the size only when there are several sizes
+        for i, (size, loader) in enumerate(self.val_loaders.items()):
+            for suffix, model in models.items():
+                if model is None:
+                    continue
+                result = evaluate(model, loader, self.device, self.recipe.train.precision)
+                for key in ("top1", "top5", "loss"):
+                    if sized:
+                        metrics[f"val/{key}{suffix}_{size}px"] = result[key]
+                    if i == 0:
+                        metrics[f"val/{key}{suffix}"] = result[key]
+                if i == 0 and not suffix:
+                    metrics.update({"val/num_images": result["count"], "val/quarantined": result["quarantined"]})
         self.reporter.evaluated(self.state, metrics)
         self.metrics = metrics
         is_best = metrics["val/top1"] > self.state.best_top1
@@ -223,6 +249,9 @@ class Trainer:
         summary = {"top1": self.metrics["val/top1"], "best_top1": self.state.best_top1}
         if self.ema is not None:
             summary["top1_ema"] = self.metrics["val/top1_ema"]
+        if len(self.val_loaders) > 1:
+            for size in self.val_loaders:
+                summary[f"top1_{size}px"] = self.metrics[f"val/top1_{size}px"]
         steps = self.state.global_step - self.session_step
         global_batch = self.recipe.train.batch_per_device * self.recipe.train.grad_accum * self.world
         images_per_s = steps * global_batch / self.train_seconds if steps else None
@@ -256,7 +285,8 @@ class Trainer:
         if grad_norm is None:
             grad_norm = float(self.engine.get_global_grad_norm())
         self.reporter.step(self.state, self.total_steps, loss.item(), self.optimizer.param_groups[0]["lr"], grad_norm,
-                           eta_s=(self.total_steps - step) * per_step)
+                           eta_s=(self.total_steps - step) * per_step, img_size=self.train_loader.img_size,
+                           compiled_graphs=compiled_graphs() if self.recipe.model.compile else None)
 
     def _diverged(self, loss: torch.Tensor) -> TrainingDiverged:
         last_good = self.checkpointer.latest()
