@@ -9,13 +9,14 @@
 #   bash benchmarks/gpu/run.sh status            what is stored, installed and done; the summary
 #
 # Checks, in the order they run: env, precompile (started in the background, it compiles the
-# speed graphs while later parts travel), train, dali, e2e, speed, loader, datawait.
+# speed graphs while later parts travel), train, dali, e2e, speed, resolution, loader, datawait.
 #   env        GPU, driver, versions                            needs: nothing
 #   precompile benchmarks/gpu/precompile.py (background)        needs: nothing
 #   train      benchmarks/gpu/check_train.py                    needs: the early payload (DeepSpeed)
 #   dali       benchmarks/gpu/check_dali.py                     needs: late (DALI), images
 #   e2e        benchmarks/gpu/check_e2e.py (MLflow)             needs: late
 #   speed      benchmarks/model_speed.py --compile, bf16        needs: precompile finished (or waits)
+#   resolution benchmarks/resolution_speed.py, bf16 (eager)     needs: precompile finished (or waits)
 #   loader     benchmarks/loader_speed.py --device cuda         needs: late, images, a quiet GPU
 #   datawait   benchmarks/gpu/check_datawait.py                 needs: late, images, a quiet GPU
 # In the last required part's call, speed/loader/datawait wait for the background compile (at most
@@ -44,7 +45,7 @@ TIME_LIMIT=${TIME_LIMIT:-540}
 PRECOMPILE_WAIT=${PRECOMPILE_WAIT:-300}
 MODELS=${MODELS:-fat_b0 fat_b1 fat_b2 fat_b3}
 ONLY=${FATSCALE_GPU_ONLY:-}
-ALL_CHECKS="env precompile train dali e2e speed loader datawait"
+ALL_CHECKS="env precompile train dali e2e speed resolution loader datawait"
 START=$SECONDS
 
 usage() {
@@ -74,7 +75,7 @@ precompile_running() {
 
 needs_met() {  # CHECK -> whether what it needs is installed
     case $1 in
-        env|precompile|speed) return 0 ;;
+        env|precompile|speed|resolution) return 0 ;;
         train) ready early site ;;
         e2e) ready late site ;;
         dali|loader|datawait) ready late site && ready images data ;;
@@ -90,6 +91,7 @@ sizes() {  # CHECK -> its arguments (normal or TINY)
             dali) echo "--img-size 64 --batch 4 --threads 1" ;;
             e2e) echo "--set train.epochs=1 --set data.img_size=32 --set train.batch_per_device=16 --min-top1 0" ;;
             speed) echo "--models fat_b0 --batch 2 --infer-batch 2 --img-size 32 --iters 1 --warmup 1" ;;
+            resolution) echo "--models fat_b0 --batch 2 --iters 1 --warmup 1" ;;
             loader) echo "--workers 1 --batch 4 --img-size 32 --epochs 2" ;;
             datawait) echo "--replicas 2 --steps 4 --log-every 1 --threads 1 --set data.img_size=32 --set train.batch_per_device=4 --set train.val_batch_per_device=8" ;;
         esac
@@ -100,6 +102,7 @@ sizes() {  # CHECK -> its arguments (normal or TINY)
             dali) echo "--num 1000 --img-size 224 --batch 16 --threads 4" ;;
             e2e) echo "" ;;
             speed) echo "--models $MODELS --batch 128 --infer-batch 256 --img-size 224 --compile --iters 20 --warmup 5" ;;
+            resolution) echo "--models fat_b0 fat_b3 --batch 128 --iters 20 --warmup 5" ;;
             loader) echo "--workers 8 --batch 128 --img-size 224 --epochs 3" ;;
             datawait) echo "--replicas 40 --steps 70 --log-every 10 --threads 8" ;;
         esac
@@ -202,6 +205,10 @@ run_one() {  # CHECK
             wait_precompile
             run_check speed 420 "$PY" benchmarks/model_speed.py --device "$DEVICE" --dtype bf16 --channels-last $(sizes speed) \
                 && "$PY" $GPU/summarize.py model-speed "$ROOT/logs/speed.log" ;;
+        resolution)  # images/s at 160/192/224 px and the fast recipes' projected device-hours
+            wait_precompile
+            run_check resolution 240 "$PY" benchmarks/resolution_speed.py --device "$DEVICE" --dtype bf16 \
+                --channels-last $(sizes resolution) ;;
         loader)
             wait_precompile
             local images
