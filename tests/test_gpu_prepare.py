@@ -349,6 +349,7 @@ def test_the_device_session_dry_runs_on_cpu(tmp_path, fake_parts):
                  "GPUCHECK train_labels PASS", "GPUCHECK speed_fat_b0_train_eager PASS",
                  "GPUCHECK loader_speed PASS", "GPUCHECK data_wait PASS"):
         assert line in log, line
+    assert "== resolution: exit 0" in log and "fat_b0 fast recipe: 300 epochs" in log  # the projection printed
     summary = (root / "out" / "summary.txt").read_text()
     assert "precompile" in summary and " 0 failed" in summary, summary
     assert sorted(p.name for p in (root / "out").iterdir()) == ["logs.tar.gz", "results.jsonl", "run.log", "summary.txt"]

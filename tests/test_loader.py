@@ -258,8 +258,7 @@ def test_a_size_change_keeps_reader_order_and_random_draws(shards, ramp_run):
 @pytest.mark.parametrize("epochs,steps", [
     (1, 9),  # every batch of the epoch before the change handed out, the epoch not yet ended
     (2, 0),  # at the boundary: the state a trainer saves at the end of epoch 1
-    (2, 1),  # just after the change, at 48 px
-    (3, 4),  # mid-epoch at the end size
+    (2, 1),  # just after the change, at 48 px (mid-epoch at a constant size: test_resume_mid_epoch_...)
 ])
 def test_resume_anywhere_on_the_ramp_continues_exactly(shards, ramp_run, epochs, steps):
     """Stopped after ``epochs`` epochs and ``steps`` batches, saved, and resumed in a new loader:
