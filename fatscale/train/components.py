@@ -33,10 +33,14 @@ def build_model(recipe: Recipe, num_classes: int, world: int, device: torch.devi
     return model
 
 
+def global_batch(recipe: Recipe, world: int) -> int:
+    """Images per optimizer step over all ranks."""
+    return recipe.train.batch_per_device * recipe.train.grad_accum * world
+
+
 def lr_scale(recipe: Recipe, world: int) -> float:
     """The recipe's learning rates are for a global batch of ``optim.lr_base_batch``: linear scaling."""
-    t = recipe.train
-    return t.batch_per_device * t.grad_accum * world / recipe.optim.lr_base_batch
+    return global_batch(recipe, world) / recipe.optim.lr_base_batch
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module, world: int) -> torch.optim.Optimizer:
@@ -61,7 +65,7 @@ def deepspeed_config(recipe: Recipe, world: int) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": t.batch_per_device,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.batch_per_device * t.grad_accum * world,
+        "train_batch_size": global_batch(recipe, world),
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "steps_per_print": 10**9,  # fatscale logs

@@ -162,9 +162,9 @@ class Reporter:
                               registered_name=name,
                               description=f"{r.model.name}, {which} weights at step {step}: top-1 {summary[key]:.2f}% on {val}")
         throughput = f", {images_per_s:.0f} images/s" if images_per_s is not None else ""
-        sizes = {int(key[5:-2]): value for key, value in summary.items() if key.startswith("top1_") and key.endswith("px")}
         by_size = ""
-        if sizes:
+        if len(r.data.val_sizes) > 1:  # the trainer's summary then has the top-1 at each size
+            sizes = {size: summary[f"top1_{size}px"] for size in r.data.val_sizes}
             best = max(sizes, key=sizes.get)
             tracker.set_tags({"best_eval_size": str(best)})
             by_size = " Top-1 by eval size: " + ", ".join(f"{s} px {v:.2f}%" for s, v in sizes.items()) + \

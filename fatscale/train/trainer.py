@@ -102,7 +102,7 @@ class Trainer:
         # The recipe's eval size first (its top-1 is val/top1), then data.eval_sizes.
         self.val_loaders = {size: ValLoader(manifest, recipe.data, t.val_batch_per_device, self.rank, self.world,
                                             self.device, img_size=size)
-                            for size in dict.fromkeys((recipe.data.img_size, *recipe.data.eval_sizes))}
+                            for size in recipe.data.val_sizes}
         self.state, changed = TrainState(), []
         if resumed is not None:
             checkpoint, progress = resumed
@@ -234,7 +234,7 @@ class Trainer:
         return is_best
 
     def save(self, is_best: bool = False) -> Path:
-        self.state.elapsed_s = self.elapsed_before + time.monotonic() - self.session_start
+        self._count_elapsed()
         if self.rank == 0:
             self.state.mlflow_run_id = self.reporter.run_id or self.state.mlflow_run_id  # None while MLflow is away
         return self.checkpointer.save(self.state, self.train_loader, is_best)
@@ -253,9 +253,8 @@ class Trainer:
             for size in self.val_loaders:
                 summary[f"top1_{size}px"] = self.metrics[f"val/top1_{size}px"]
         steps = self.state.global_step - self.session_step
-        global_batch = self.recipe.train.batch_per_device * self.recipe.train.grad_accum * self.world
-        images_per_s = steps * global_batch / self.train_seconds if steps else None
-        self.state.elapsed_s = self.elapsed_before + time.monotonic() - self.session_start
+        images_per_s = steps * components.global_batch(self.recipe, self.world) / self.train_seconds if steps else None
+        self._count_elapsed()
         exported = export(Path(self.recipe.output_dir)) if self.rank == 0 else []
         self.reporter.finished(self.state, summary, self.metrics, exported, images_per_s)
         return summary
@@ -266,6 +265,9 @@ class Trainer:
             self.run_lock.release()
 
     # ------------------------------------------------------------ helpers
+
+    def _count_elapsed(self) -> None:
+        self.state.elapsed_s = self.elapsed_before + time.monotonic() - self.session_start
 
     def _timed(self, loader: TrainLoader):
         """The loader's batches, each with the time spent waiting for it reported."""
