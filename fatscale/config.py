@@ -131,6 +131,9 @@ class ModelConfig(_Section):
     num_classes: int | None = setting(None, POSITIVE)  # None: the number of classes in the shards' manifest
     drop_path: float | None = setting(None, BELOW_ONE)  # None: the variant's (fatscale.variants: .05/.1/.1/.15)
     bidirectional: bool = False
+    # GroupNorm(1, C) that keeps channels_last (CUDA's group_norm makes its input NCHW); false:
+    # timm's GroupNorm1. The same weights and function either way.
+    norm_keeps_format: bool = True
     grad_checkpointing: tuple[int, ...] = setting(  # stages to recompute in backward
         (), must(lambda v: all(0 <= s < STAGES for s in v), f"stage indices 0..{STAGES - 1}"))
     compile: bool = False  # torch.compile through the DeepSpeed engine
@@ -304,6 +307,7 @@ class SlurmConfig(_Section):
                                          "a Slurm memory size (e.g. 400G)"))
     constraint: str | None = None
     exclusive: bool = False
+    gres: bool = False  # GPUs asked as --gres=gpu:N (clusters without select/cons_tres) instead of --gpus-per-node
     max_requeues: int = setting(20, NON_NEGATIVE)
 
     def _check_together(self) -> None:

@@ -3,7 +3,7 @@
 
     python launch/slurm.py RECIPE --nodes N [--gpus-per-node G] [--tasks-per-node T]
         [--partition P] [--account A] [--qos Q] [--time D-HH:MM:SS] [--cpus-per-task C]
-        [--mem M] [--constraint C] [--exclusive] [--set key=value ...] [--dry-run]
+        [--mem M] [--constraint C] [--exclusive] [--gres] [--set key=value ...] [--dry-run]
 
 Cluster settings come from the recipe's ``slurm`` section; flags override it and are validated
 with the recipe. Before anything is queued: the recipe and overrides validate, the manifest and
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, kind in FLAGS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar=name.upper())
     parser.add_argument("--exclusive", action="store_true", default=None)
+    parser.add_argument("--gres", action="store_true", default=None,
+                        help="ask for GPUs as --gres=gpu:N (clusters without select/cons_tres)")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and the resolved recipe")
     return parser.parse_args(argv)
 
@@ -57,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def resolve_recipe(args: argparse.Namespace) -> Recipe:
     """The recipe with its overrides and flags, paths made absolute, the tracking URI fixed."""
     overrides = list(args.overrides)
-    for name in [*FLAGS, "exclusive"]:
+    for name in [*FLAGS, "exclusive", "gres"]:
         value = getattr(args, name)
         if value is not None:
             overrides.append(f"slurm.{name}={json.dumps(value)}")
@@ -140,12 +142,20 @@ def sbatch_parameters(recipe: Recipe) -> dict:
         srun_args=[f"--cpus-per-task={s.cpus_per_task}", "--kill-on-bad-exit=1"],
     )
     if s.gpus_per_node:
-        parameters["gpus_per_node"] = s.gpus_per_node
+        parameters.update({"gres": f"gpu:{s.gpus_per_node}"} if s.gres else {"gpus_per_node": s.gpus_per_node})
     optional = dict(partition=s.partition, account=s.account, qos=s.qos, mem=s.mem, constraint=s.constraint)
     parameters.update({k: v for k, v in optional.items() if v is not None})
     if s.exclusive:
         parameters["exclusive"] = True
     return parameters
+
+
+def memory_warning(recipe: Recipe) -> str | None:
+    """A GPU job without ``slurm.mem`` gets the partition's default memory, often a few GB per CPU."""
+    if recipe.slurm.gpus_per_node and recipe.slurm.mem is None:
+        return ("slurm.mem is not set: the job gets the partition's default memory (DefMemPerCPU/DefMemPerNode, "
+                "often too little for DALI and 8 ranks); set it, e.g. --mem 0 for all of each node's memory")
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,9 +170,9 @@ def main(argv: list[str] | None = None) -> None:
         resume_note = check_output_dir(recipe, folder, manifest, world_size)
     except (RecipeError, PreflightError, RunDirBusy) as e:
         sys.exit(f"error: {e}")
-    tracking_warning = check_tracking(recipe.tracking.uri)
-    if tracking_warning:
-        print(f"warning: {tracking_warning}", file=sys.stderr)
+    for warning in (check_tracking(recipe.tracking.uri), memory_warning(recipe)):
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     if resume_note:
         print(f"resuming: {resume_note}")
     import submitit

@@ -1,5 +1,6 @@
 """Shared fixtures: real servers the tests start and stop by PID."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +21,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def one_rank_world():
+    """This process as the one rank of a gloo world (the launcher's variables set), for DeepSpeed
+    engines built in the test process; at the end the process group goes with DeepSpeed's
+    references to it (other test modules build engines too) and the variables are restored."""
+    env = dict(DS_ACCELERATOR="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        import deepspeed
+
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def port_open(port: int) -> bool:

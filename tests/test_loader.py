@@ -1,9 +1,14 @@
 """DALI loaders (CPU operators) over real shards of real JPEGs made by make_shards."""
 
 import gc
+import io
 import itertools
 import json
 import random
+import shutil
+import struct
+import weakref
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,8 @@ from fatscale.config import AugConfig, DataConfig, ResolutionConfig
 from fatscale.data.loader import TrainLoader, ValLoader, decode_labels, resolve_decode_device
 from fatscale.data.manifest import load_manifest
 from fatscale.data import rand_augment_spec
+from fatscale.data.quarantine import DecodeCheck
+from fatscale.data.shard_format import Index, ShardWriter
 from fatscale.data.rand_augment import _TIMM_TO_DALI, RandAugmentSpec, rand_augment, warp_interp
 from fatscale.prep import make_shards
 from conftest import corrupt_copy
@@ -275,6 +282,48 @@ def test_resume_anywhere_on_the_ramp_continues_exactly(shards, ramp_run, epochs,
     assert_same_batches(before + after, [batch for epoch in reference for batch in epoch])
 
 
+def test_the_pipeline_of_the_old_size_is_released_at_the_size_change(shards):
+    """Dropped when the epoch before the change ends, before the evaluation that follows it (its
+    memory then handed back: ReleaseUnusedMemory); kept where the size stays."""
+    loader = train_loader(shards, resolution=RAMP)
+    gc.disable()  # freed by its reference count as it is dropped, not by some later collection
+    try:
+        run_epochs(loader, 1)
+        first = weakref.ref(loader._it._pipes[0])
+        run_epochs(loader, 1)  # epoch 1: still 32 px, on the same pipeline
+        assert loader.img_size == 48 and loader._it is None and first() is None
+    finally:
+        gc.enable()
+    assert {tuple(x.shape) for x, _ in run_epochs(loader, 1)} == {(4, 3, 48, 48)}
+
+
+def test_val_pipeline_lives_only_through_a_pass_and_passes_are_identical(shards):
+    """Built when an evaluation starts, released when it ends (or is left unfinished): nothing is
+    held through the training epochs. Every pass gives the same batches, bitwise."""
+    val = ValLoader(load_manifest(shards), data_cfg(shards), batch_size=8)
+    assert val._it is None
+    passes = []
+    gc.disable()
+    try:
+        for _ in range(2):
+            batches = []
+            for x, y in val:
+                batches.append((x.clone(), y.clone()))
+                pipe = weakref.ref(val._it._pipes[0])
+            assert val._it is None and pipe() is None
+            passes.append(batches)
+        it = iter(val)
+        next(it)
+        pipe = weakref.ref(val._it._pipes[0])
+        it.close()
+        assert val._it is None and pipe() is None
+    finally:
+        gc.enable()
+    assert len(passes[0]) == len(val)
+    assert_same_batches(passes[1], passes[0])
+    assert_same_batches([(x.clone(), y.clone()) for x, y in val], passes[0])  # after the unfinished pass
+
+
 def test_val_at_two_sizes_gives_those_sizes_and_the_same_samples(shards):
     cfg = data_cfg(shards, eval_sizes=(48,))
     assert cfg.val_sizes == (IMG, 48)
@@ -453,6 +502,57 @@ def test_a_sample_only_the_dali_decoder_rejects_is_quarantined(shards, tmp_path)
     loader = train_loader(tmp_path / "corrupt")
     labels = [label for _, y in run_epochs(loader, 1) for label in y.tolist()]
     assert [q.key for q in loader.quarantine] == [key] and 9 not in labels
+    assert loader.quarantine[0].reason.startswith("DALI cpu decoder: ")
+
+
+def replace_jpeg(shards: Path, dest: Path, split: str, label: int, jpeg: bytes) -> str:
+    """Copy ``shards`` to ``dest`` with ``jpeg`` as the JPEG of the ``split`` sample of class
+    ``label`` (its tar and index rewritten); returns its key."""
+    shutil.copytree(shards, dest)
+    for index_path in sorted(dest.glob(f"{split}-*.idx")):
+        tar = index_path.with_suffix(".tar")
+        data = tar.read_bytes()
+        samples = [(s[0].key, {m.ext: data[m.offset:m.offset + m.size] for m in s})
+                   for s in Index.parse(index_path.read_text()).samples]
+        for key, members in samples:
+            if int(members["cls"]) == label:
+                members["jpg"] = jpeg
+                writer = ShardWriter(tar)
+                for sample in samples:
+                    writer.write(sample[0], sample[1].items())
+                writer.finish()
+                index_path.write_text(writer.index_text())
+                return key
+    raise AssertionError(f"no {split} sample of class {label}")
+
+
+def lying_jpeg() -> bytes:
+    """An 8 x 200 px JPEG with a second frame header (SOF0) that only nvImageCodec's parser reads,
+    in a comment after a parameterless TEM marker: libjpeg skips the next two bytes as junk (a
+    warning), the parser reads them as a segment length that lands it on the comment's text. DALI
+    decodes into the size it says, 9 x 177 px: no more pixels than the image has, so the
+    whole-image decoder fills it (garbled, no error); but too wide for any crop window of 8% of its
+    area at an aspect ratio within 4/3, so the random crop's window is all 9 rows, one more than
+    the image has: libjpeg-turbo refuses it, and so does the OpenCV decoder nvImageCodec falls back to."""
+    encoded = io.BytesIO()
+    Image.new("RGB", (200, 8), colour(11)).save(encoded, "JPEG", quality=95)
+    jpeg = encoded.getvalue()
+    sof = b"\xff\xc0" + struct.pack(">HBHHB", 17, 8, 9, 177, 3) + bytes.fromhex("011100021100031100")
+    comment = b"\xff\xfe" + struct.pack(">H", 2 + len(sof)) + sof
+    sos = jpeg.index(b"\xff\xda")
+    return jpeg[:sos] + b"\xff\x01" + struct.pack(">H", 6) + comment + jpeg[sos:]
+
+
+def test_a_sample_only_the_random_crop_decoder_rejects_is_quarantined(shards, tmp_path):
+    """The check decodes with the train pipeline's own decoder (the random-crop one): a check with
+    the whole-image decoder passes this sample, finds nothing ahead, and the run stops."""
+    jpeg = lying_jpeg()
+    whole = partial(fn.decoders.image, device="cpu", output_type=types.RGB)
+    assert DecodeCheck("cpu", None, [whole]).reason(jpeg) is None
+    key = replace_jpeg(shards, tmp_path / "lying", "train", 11, jpeg)
+    loader = train_loader(tmp_path / "lying")
+    labels = [label for _, y in run_epochs(loader, 1) for label in y.tolist()]
+    assert [q.key for q in loader.quarantine] == [key] and 11 not in labels
     assert loader.quarantine[0].reason.startswith("DALI cpu decoder: ")
 
 

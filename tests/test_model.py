@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import fatscale  # noqa: F401  (registers the FAT models with timm)
 from fatscale.models.complexity import count_macs
-from fatscale.models.fat import FAT, FASA
+from fatscale.models.fat import FAT, FASA, FormatKeepingGroupNorm1
 import timm
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -102,6 +102,43 @@ def test_fasa_matches_written_out_formula(bidirectional, memory_format):
             fused = fused * torch.sigmoid(local)
         expected = fasa.mixer(fused)
     assert (out - expected).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_format_keeping_group_norm_equals_group_norm_and_keeps_the_layout(memory_format):
+    torch.manual_seed(0)
+    ours, reference = FormatKeepingGroupNorm1(24), torch.nn.GroupNorm(1, 24)
+    with torch.no_grad():
+        for p in (*ours.parameters(), *reference.parameters()):
+            p.copy_(torch.randn_like(p))
+    reference.load_state_dict(ours.state_dict())
+    x = (3 * torch.randn(4, 24, 13, 10) + 1).to(memory_format=memory_format)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = ours(x1), reference(x2)
+    assert out.is_contiguous(memory_format=memory_format)
+    assert (out - expected).abs().max().item() < 1e-5
+    grad = torch.randn_like(out)
+    out.backward(grad), expected.backward(grad)
+    assert (x1.grad - x2.grad).abs().max().item() < 1e-5
+    for a, b in zip(ours.parameters(), reference.parameters()):
+        assert (a.grad - b.grad).abs().max().item() < 1e-4 * b.grad.abs().max().item()
+
+
+def test_format_keeping_norm_is_a_switch_with_the_same_keys():
+    torch.manual_seed(0)
+    keeps = FAT(**TINY).eval()
+    plain = FAT(**TINY, norm_keeps_format=False).eval()
+    assert list(keeps.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(keeps.state_dict(), strict=True)
+    assert sum(isinstance(m, FormatKeepingGroupNorm1) for m in keeps.modules()) == 1 + 2 * sum(TINY["depths"]) + 1
+    assert not any(isinstance(m, FormatKeepingGroupNorm1) for m in plain.modules())
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert (keeps(x) - plain(x)).abs().max().item() < 1e-4
+        # Every block's input stays channels_last: the stem's output is the first block's input.
+        assert keeps.patch_embed(x).is_contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # statistics in fp32, as autocast's group_norm
+        assert keeps.norm(torch.randn(2, 48, 4, 4, dtype=torch.bfloat16)).dtype == torch.float32
 
 
 def test_bidirectional_is_an_option_with_the_same_keys():

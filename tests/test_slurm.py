@@ -35,6 +35,13 @@ def test_gpu_nodes_get_one_task_per_gpu(tmp_path, demo_shards):
     parameters = launcher.sbatch_parameters(recipe)
     assert (parameters["ntasks_per_node"], parameters["gpus_per_node"], parameters["time"]) == (8, 8, 1440)
     assert parameters["partition"] == "gpu" and parameters["additional_parameters"] == {"requeue": True}
+    assert "gres" not in parameters and "slurm.mem is not set" in launcher.memory_warning(recipe)
+    # Clusters without select/cons_tres know only --gres; a job that asks for memory is not warned.
+    recipe = load_recipe(demo_recipe(tmp_path, demo_shards, slurm={"gpus_per_node": 4, "tasks_per_node": None,
+                                                                    "gres": True, "mem": "400G"}))
+    parameters = launcher.sbatch_parameters(recipe)
+    assert (parameters["gres"], parameters["ntasks_per_node"], parameters["mem"]) == ("gpu:4", 4, "400G")
+    assert "gpus_per_node" not in parameters and launcher.memory_warning(recipe) is None
 
 
 @pytest.fixture(scope="module")

@@ -358,10 +358,10 @@ def test_compile_through_the_engine_matches_eager_across_a_resolution_change(tmp
     for (step, a), (_, b) in zip(eager["train/loss"], compiled["train/loss"]):
         assert abs(a - b) <= 1e-3 * abs(a), (step, a, b)
     assert max((weights[k] - eager_weights[k]).abs().max().item() for k in weights) < 1e-3
-    # Recompiles are counted and logged, and bounded: a graph for 32 px, one dynamic graph after the
-    # size change, and eval's (no grad), not one per size and batch.
+    # Recompiles are counted and logged, and bounded: a graph for 32 px and one dynamic graph after
+    # the size change; evaluation runs eager (none per eval size and batch).
     graphs = [value for _, value in compiled["train/compiled_graphs"]]
-    assert graphs == sorted(graphs) and 1 <= graphs[0] < graphs[-1] <= 8, graphs
+    assert graphs == sorted(graphs) and 1 <= graphs[0] < graphs[-1] <= 2, graphs
     assert "train/compiled_graphs" not in eager_run.data.metrics
     # Evaluation at the recipe's size and at data.eval_sizes, each logged, the best named.
     assert [s for s, _ in compiled["val/top1_48px"]] == [s for s, _ in compiled["val/top1_64px"]] == [15, 30]

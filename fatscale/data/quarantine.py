@@ -4,8 +4,9 @@ DALI cannot skip a sample its decoder fails on: the pipeline stops with a critic
 (github.com/NVIDIA/DALI/issues/3913). The loader then replays the batches that follow its last
 good checkpoint through the same pipeline with the decoder fed a placeholder (so nothing can
 fail), reads each sample's JPEG from its tar at the offset DALI reports, decodes it alone with the
-pipeline's own decoder (DALI's, on the pipeline's device: PIL accepts files that nvImageCodec
-rejects, and the other way round), and quarantines the undecodable ones: a private copy
+pipeline's own decoder operator, built by the same function as in the pipeline, on the pipeline's
+device (PIL accepts files that nvImageCodec rejects, and the other way round; so do DALI's
+whole-image and random-crop decoders), and quarantines the undecodable ones: a private copy
 of the shard's index points the sample's slot at the bytes of a neighbouring sample (same
 shard, same components), named after the quarantined key. The sample count is unchanged, so the
 last good checkpoint still restores: training continues exactly where it was, with the neighbour
@@ -15,6 +16,7 @@ in the corrupt sample's place (train) or the slot left out (val).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,25 +37,25 @@ class QuarantinedSample:
 
 
 class DecodeCheck:
-    """Decodes one encoded image at a time with DALI's image decoder on ``decode`` ("cpu", or
-    "mixed": nvJPEG / the hardware decoder), as the training pipeline does."""
+    """Decodes one encoded image at a time with each of ``decoders``, the functions that build the
+    pipeline's decoder operators on ``decode`` ("cpu", or "mixed": nvJPEG / the hardware decoder)."""
 
-    def __init__(self, decode: str, device_id: int | None):
-        self.decode, self.device_id = decode, device_id
+    def __init__(self, decode: str, device_id: int | None, decoders: Sequence[Callable]):
+        self.decode, self.device_id, self.decoders = decode, device_id, decoders
         self._pipe = None
 
     def _build(self):
-        @pipeline_def(batch_size=1, num_threads=1, device_id=self.device_id, prefetch_queue_depth=1)
+        @pipeline_def(batch_size=1, num_threads=1, device_id=self.device_id, prefetch_queue_depth=1, seed=0)
         def decode_one():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8)
-            return fn.decoders.image(encoded, device=self.decode, output_type=types.RGB)
+            return tuple(decoder(encoded) for decoder in self.decoders)
 
         pipe = decode_one()
         pipe.build()
         return pipe
 
     def reason(self, encoded: bytes) -> str | None:
-        """Why the decoder fails on ``encoded``, or None when it decodes."""
+        """Why a decoder fails on ``encoded``, or None when all decode it."""
         if self._pipe is None:
             self._pipe = self._build()
         self._pipe.feed_input("encoded", [np.frombuffer(encoded, dtype=np.uint8)])

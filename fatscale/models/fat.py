@@ -14,7 +14,7 @@ Weights keep PyTorch's default initialisation, as in the release.
 """
 
 from functools import partial
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -48,6 +48,31 @@ def _unit_stride_last(x: torch.Tensor) -> torch.Tensor:
 torch.fx.wrap("_unit_stride_last")
 
 
+@register_notrace_function
+def _group_norm1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    # Statistics in at least fp32, as autocast runs F.group_norm.
+    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+        x = x.float()
+    var, mean = torch.var_mean(x, dim=(1, 2, 3), correction=0, keepdim=True)
+    scale = weight[:, None, None] * torch.rsqrt(var + eps)  # (B, C, 1, 1)
+    return x * scale + (bias[:, None, None] - mean * scale)
+
+
+torch.fx.wrap("_group_norm1")
+
+
+class FormatKeepingGroupNorm1(nn.GroupNorm):
+    """GroupNorm(1, C) whose output keeps the input's memory format. CUDA's group_norm makes its
+    input contiguous (NCHW) in forward and backward: after timm's GroupNorm1 every block would run
+    NCHW, with layout copies at each norm. Same parameters and state-dict keys as nn.GroupNorm."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5):
+        super().__init__(1, num_channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _group_norm1(x, self.weight, self.bias, self.eps)
+
+
 class ConvBnReLU(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, stride: int):
         super().__init__()
@@ -62,14 +87,14 @@ class ConvBnReLU(nn.Module):
 class ConvStem(nn.Module):
     """Four 3x3 conv-BN-ReLU (two of stride 2) to H/4, a 1x1 conv and a GroupNorm(1, C)."""
 
-    def __init__(self, in_chs: int, dim: int):
+    def __init__(self, in_chs: int, dim: int, norm_layer: Callable[[int], nn.Module] = GroupNorm1):
         super().__init__()
         self.conv1 = ConvBnReLU(in_chs, dim // 2, 2)
         self.conv2 = ConvBnReLU(dim // 2, dim, 2)
         self.conv3 = ConvBnReLU(dim, dim, 1)
         self.conv4 = ConvBnReLU(dim, dim, 1)
         self.conv5 = _pwconv(dim, dim)
-        self.layernorm = GroupNorm1(dim)
+        self.layernorm = norm_layer(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv4(self.conv3(self.conv2(self.conv1(x))))
@@ -176,13 +201,14 @@ class FATBlock(nn.Module):
         stride: int,
         drop_path: float = 0.0,
         bidirectional: bool = False,
+        norm_layer: Callable[[int], nn.Module] = GroupNorm1,
     ):
         super().__init__()
         self.cpe = _dwconv(dim, kernel_size)
-        self.norm1 = GroupNorm1(dim)
+        self.norm1 = norm_layer(dim)
         self.attn = FASA(dim, kernel_size, num_heads, window_size, bidirectional)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = GroupNorm1(dim)
+        self.norm2 = norm_layer(dim)
         if stride == 1:
             self.downsample = nn.Identity()
         else:
@@ -211,6 +237,7 @@ class FATStage(nn.Module):
         drop_paths: Sequence[float],
         downsample: bool,
         bidirectional: bool = False,
+        norm_layer: Callable[[int], nn.Module] = GroupNorm1,
     ):
         super().__init__()
         self.grad_checkpointing = False
@@ -222,6 +249,7 @@ class FATStage(nn.Module):
             mlp_kernel_size=mlp_kernel_size,
             mlp_ratio=mlp_ratio,
             bidirectional=bidirectional,
+            norm_layer=norm_layer,
         )
         last = depth - 1
         self.blocks = nn.Sequential(
@@ -265,6 +293,7 @@ class FAT(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         bidirectional: bool = False,
+        norm_keeps_format: bool = True,
         global_pool: str = "avg",
     ):
         super().__init__()
@@ -286,7 +315,9 @@ class FAT(nn.Module):
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = embed_dims[-1]
 
-        self.patch_embed = ConvStem(in_chans, embed_dims[0])
+        # timm's GroupNorm1 (F.group_norm) or the same function keeping channels_last on GPUs.
+        norm_layer = FormatKeepingGroupNorm1 if norm_keeps_format else GroupNorm1
+        self.patch_embed = ConvStem(in_chans, embed_dims[0], norm_layer)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.layers = nn.ModuleList()
         for i in range(num_stages):
@@ -305,9 +336,10 @@ class FAT(nn.Module):
                     drop_paths=dpr[start : start + depths[i]],
                     downsample=not last,
                     bidirectional=bidirectional,
+                    norm_layer=norm_layer,
                 )
             )
-        self.norm = GroupNorm1(self.num_features)
+        self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
         # Taps: the stem, then each stage whose output has a new stride (stage n-2 and n-1 share

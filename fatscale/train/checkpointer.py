@@ -58,11 +58,14 @@ class Checkpointer:
         self.identity: dict = {}  # the recipe's resume identity and text, stored with every save
         self.last_save = time.monotonic()
 
-    def should_save(self, step: int, now: float) -> bool:
-        """Due by step count (every rank knows) or by rank 0's clock (the ranks then agree on it)."""
-        c = self.config
-        return bool(c.every_steps and step % c.every_steps == 0) or (
-            self.rank == 0 and c.every_minutes is not None and now - self.last_save > 60 * c.every_minutes)
+    def due_by_steps(self, step: int) -> bool:
+        """Every ``every_steps`` steps: every rank knows it."""
+        return bool(self.config.every_steps and step % self.config.every_steps == 0)
+
+    def due_by_clock(self, now: float) -> bool:
+        """By rank 0's clock (the ranks then agree on it)."""
+        minutes = self.config.every_minutes
+        return self.rank == 0 and minutes is not None and now - self.last_save > 60 * minutes
 
     def save(self, state: TrainState, loader: TrainLoader, is_best: bool = False) -> Path:
         """Every rank: its part, then (rank 0) the seal. Returns the checkpoint's directory."""

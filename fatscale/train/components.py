@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def build_model(recipe: Recipe, num_classes: int, world: int, device: torch.device) -> torch.nn.Module:
     m = recipe.model
-    kwargs = dict(num_classes=num_classes, bidirectional=m.bidirectional)
+    kwargs = dict(num_classes=num_classes, bidirectional=m.bidirectional, norm_keeps_format=m.norm_keeps_format)
     if m.drop_path is not None:
         kwargs["drop_path_rate"] = m.drop_path
     model = timm.create_model(m.name, **kwargs)
@@ -70,6 +70,9 @@ def deepspeed_config(recipe: Recipe, world: int) -> dict:
         "zero_optimization": {"stage": t.zero_stage},
         "steps_per_print": 10**9,  # fatscale logs
         "wall_clock_breakdown": False,
+        # On by default, and without a dataloader given to deepspeed.initialize the engine starts
+        # and stops it in every forward and step, each a device synchronize: fatscale times itself.
+        "timers": {"throughput": {"enabled": False}},
     }
     if t.precision != "fp32":
         # Autocast keeps fp32 master weights in the module (BatchNorm and EMA stay fp32);

@@ -27,7 +27,7 @@ from fatscale.data.manifest import load_manifest
 from fatscale.export import export
 from fatscale.train import components
 from fatscale.train.checkpointer import Checkpointer
-from fatscale.train.distributed import agree, hold_output_dir, init_distributed
+from fatscale.train.distributed import StepVote, agree, configure_backends, hold_output_dir, init_distributed
 from fatscale.train.evaluation import evaluate
 from fatscale.train.logs import log_to_file
 from fatscale.train.reporting import Reporter
@@ -67,9 +67,8 @@ class Trainer:
     def __init__(self, recipe: Recipe, recipe_text: str, stop: threading.Event | None = None):
         self.recipe, self.stop = recipe, stop or threading.Event()
         t = recipe.train
+        configure_backends(t.deterministic)
         self.rank, self.world, local_rank, self.device = init_distributed()
-        if t.deterministic:
-            torch.use_deterministic_algorithms(True)
         output_dir = Path(recipe.output_dir)
         self.run_lock = hold_output_dir(output_dir, self.rank)
         if self.rank == 0:
@@ -84,12 +83,13 @@ class Trainer:
         model = components.build_model(recipe, num_classes, self.world, self.device).to(self.device)
         if self.world > 1 and t.sync_bn and self.device.type != "cuda" and self.rank == 0:
             log.warning("train.sync_bn: no GPU, BatchNorm statistics stay per rank (set train.sync_bn: false for CPU runs)")
+        # The EMA copies the bare module, before DeepSpeed hooks into it and before it is compiled:
+        # it only evaluates, eagerly.
+        self.ema = ModelEmaV3(model, decay=recipe.ema.decay, use_warmup=recipe.ema.warmup) \
+            if recipe.ema.enabled else None
         self.optimizer = components.build_optimizer(recipe, model, self.world)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer,
                                                config=components.deepspeed_config(recipe, self.world))
-        # The EMA copies the module before it is compiled: it only evaluates, eagerly.
-        self.ema = ModelEmaV3(self.engine.module, decay=recipe.ema.decay, use_warmup=recipe.ema.warmup) \
-            if recipe.ema.enabled else None
         if recipe.model.compile:
             self.engine.compile(backend=recipe.model.compile_backend)
         self.loss_fn = components.build_loss(recipe)
@@ -122,6 +122,8 @@ class Trainer:
         self.reporter.started(self.state, recipe_text, changed)
         self.metrics: dict[str, float] = {}  # of the last evaluation
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # a micro-step's loss, since the last step
+        self.vote = StepVote(self.device)
+        self.losses: dict[int, torch.Tensor] = {}  # of the steps whose vote is not read yet, for a divergence
         self._last_size = None  # the train size last logged
         self.session_start, self.session_step = time.monotonic(), self.state.global_step
         self.elapsed_before = self.state.elapsed_s  # the sessions before this one
@@ -166,24 +168,23 @@ class Trainer:
             if loss is None:
                 continue  # accumulating gradients
             step = self.state.global_step
-            # One collective per step: divergence on any rank, a stop request (signal) on any
-            # rank, and rank 0's clock for time-based saves.
-            diverged, stop_now, save_now = agree(self.device, self.nonfinite, self.stop.is_set(),
-                                                 self.checkpointer.should_save(step, time.monotonic()))
-            if diverged:
-                raise self._diverged(loss)
+            # One collective per step, read a step later (StepVote): divergence on any rank, a stop
+            # request (signal) on any rank, and rank 0's clock for time-based saves.
+            voted = self.vote.cast(step, self.nonfinite, self.stop.is_set(),
+                                   self.checkpointer.due_by_clock(time.monotonic()))
             self.nonfinite.zero_()
+            self.losses[step] = loss
             self.scheduler.step_update(step)
             if self.ema is not None:
                 self.ema.update(self.engine.module, step=step)
             if step % self.recipe.train.log_every == 0 and self.rank == 0:
                 self._report_step(loss, grad_norm)
-            if stop_now:
-                self.interrupt()
+            self._act_on(voted)
             if step >= self.total_steps and self.train_loader.state.step < len(self.train_loader):
                 break  # train.max_steps, mid-epoch
-            if save_now:
+            if self.checkpointer.due_by_steps(step):
                 self.save()
+        self._act_on(self.vote.result(), saving=True)  # the epoch-end save follows
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor | None, float | None]:
         """One micro-batch: forward, backward, DeepSpeed's step. Returns the loss once an optimizer
@@ -219,7 +220,11 @@ class Trainer:
             for suffix, model in models.items():
                 if model is None:
                     continue
-                result = evaluate(model, loader, self.device, self.recipe.train.precision)
+                # Eagerly, also a compiled model (engine.compile() compiles the module in place):
+                # compiled, each eval size and last partial batch would add graphs, for ~1/50 of an
+                # epoch's work.
+                with torch.compiler.set_stance("force_eager"):
+                    result = evaluate(model, loader, self.device, self.recipe.train.precision)
                 for key in ("top1", "top5", "loss"):
                     if sized:
                         metrics[f"val/{key}{suffix}_{size}px"] = result[key]
@@ -234,6 +239,7 @@ class Trainer:
         return is_best
 
     def save(self, is_best: bool = False) -> Path:
+        self._act_on(self.vote.result(), saving=True)  # never save the weights of a diverged step
         self._count_elapsed()
         if self.rank == 0:
             self.state.mlflow_run_id = self.reporter.run_id or self.state.mlflow_run_id  # None while MLflow is away
@@ -290,14 +296,32 @@ class Trainer:
                            eta_s=(self.total_steps - step) * per_step, img_size=self.train_loader.img_size,
                            compiled_graphs=compiled_graphs() if self.recipe.model.compile else None)
 
-    def _diverged(self, loss: torch.Tensor) -> TrainingDiverged:
-        last_good = self.checkpointer.latest()
-        return TrainingDiverged(
-            f"loss became NaN or infinite (rank {self.rank}: {loss.item()}) in step {self.state.global_step}, "
-            f"epoch {self.state.epoch}; stopped without saving: "
-            + (f"the last good checkpoint is {last_good}" if last_good else "there is no checkpoint yet"))
+    def _act_on(self, voted: tuple[int, list[bool]] | None, saving: bool = False) -> None:
+        """What the ranks agreed on in step ``voted[0]``, acted on now (at most a step later): stop
+        on divergence without saving; save and stop on a stop request; save when rank 0's clock
+        says so (unless ``saving`` already)."""
+        if voted is None:
+            return
+        step, (diverged, stop_now, save_now) = voted
+        loss = self.losses.pop(step)
+        self.losses = {s: v for s, v in self.losses.items() if s > step}
+        if diverged:
+            last_good = self.checkpointer.latest()
+            raise TrainingDiverged(
+                f"loss became NaN or infinite (rank {self.rank}: {loss.item()}) in step {step}, "
+                f"epoch {self.state.epoch}; stopped without saving: "
+                + (f"the last good checkpoint is {last_good}" if last_good else "there is no checkpoint yet"))
+        if stop_now:
+            self.interrupt()
+        if save_now and not saving:
+            self.save()
 
 
 def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None) -> dict[str, float]:
-    """Train ``recipe`` on this rank; returns the final top-1 summary."""
-    return Trainer(recipe, recipe_text, stop).train()
+    """Train ``recipe`` on this rank; returns the final top-1 summary. The process group ends with
+    it, however it ends (NCCL's communicators are then freed, not left to the interpreter's exit)."""
+    try:
+        return Trainer(recipe, recipe_text, stop).train()
+    finally:
+        if torch.distributed.is_initialized():
+            deepspeed.comm.destroy_process_group()  # torch's, and DeepSpeed's references to its groups
