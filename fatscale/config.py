@@ -247,6 +247,9 @@ class TrainConfig(_Section):
     eval_every: int = setting(1, at_least(1))  # epochs
     deterministic: bool = False  # torch deterministic algorithms (bitwise-reproducible on CPU)
     max_steps: int | None = setting(None, at_least(1))  # stop after this many optimizer steps (smoke runs, tests)
+    # A rank that makes no progress this long ends the job, named (fatscale/train/watchdog.py);
+    # long enough for a first torch.compile. None: off.
+    stall_timeout_s: float | None = setting(900.0, at_least(10))
 
     def _check_together(self) -> None:
         if self.precision == "fp16" and self.zero_stage > 0 and self.grad_clip > 0:
@@ -308,7 +311,8 @@ class SlurmConfig(_Section):
     constraint: str | None = None
     exclusive: bool = False
     gres: bool = False  # GPUs asked as --gres=gpu:N (clusters without select/cons_tres) instead of --gpus-per-node
-    max_requeues: int = setting(20, NON_NEGATIVE)
+    max_requeues: int = setting(20, NON_NEGATIVE)  # after preemptions and time limits
+    max_failures: int = setting(3, NON_NEGATIVE)  # requeues after a stall or a crash, counted apart
 
     def _check_together(self) -> None:
         if self.gpus_per_node == 0 and self.tasks_per_node is None:

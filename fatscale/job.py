@@ -12,6 +12,12 @@ and stops. Then rank 0 hands over to submitit's own USR2 handler, which calls ``
 below (a new ``TrainJob`` with the requeue count + 1), requeues the job with ``scontrol requeue``
 and exits. The requeued job resumes from that checkpoint and continues the same MLflow run.
 Requeues are bounded by ``slurm.max_requeues`` (preemptions and time limits alike).
+
+Stalls and crashes: a rank that stops making progress (fatscale.train.watchdog), or an exception
+that is not the recipe's fault, requeues the job too (``scontrol requeue``, by the first rank that
+gets there), up to ``slurm.max_failures`` times per job, counted apart from preemptions in
+``OUTPUT_DIR/slurm/<job>.failure-<N>`` files; then the job ends with one line saying so. A recipe
+error, a refused resume or a diverged loss is never retried: the same input fails the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 
@@ -44,12 +51,15 @@ class TrainJob(submitit.helpers.Checkpointable):
         # may be imported already when OMP_NUM_THREADS would be read).
         cpus = len(os.sched_getaffinity(0))
         torch.set_num_threads(cpus)
-        from fatscale.config import resolve
+        from fatscale.config import RecipeError, resolve
+        from fatscale.resume import ResumeMismatch
+        from fatscale.run_lock import RunDirBusy
         from fatscale.train.logs import setup_logging
-        from fatscale.train.trainer import Interrupted, train
+        from fatscale.train.trainer import Interrupted, TrainingDiverged, train
 
         recipe = resolve(yaml.safe_load(self.recipe_text), self.source)
         self.max_requeues = recipe.slurm.max_requeues  # for checkpoint(), which submitit calls in this process
+        self.max_failures = recipe.slurm.max_failures
         setup_logging(dist_env.rank)
         node = os.environ.get("SLURMD_NODENAME", "")
         log.info("job %s, requeue %d: rank %d of %d on node %s (%d CPUs), master %s:%s", os.environ.get("SLURM_JOB_ID"),
@@ -59,13 +69,38 @@ class TrainJob(submitit.helpers.Checkpointable):
         stop = threading.Event()
         signal.signal(signal.SIGUSR2, lambda *_: stop.set())
         try:
-            summary = train(recipe, self.recipe_text, stop)
+            summary = train(recipe, self.recipe_text, stop, on_stall=self.requeue_after_failure)
         except Interrupted:
             if dist_env.rank == 0:
                 requeue(signal.SIGUSR2, None)
             sys.exit(0)  # the other ranks: done here, rank 0 requeues the job
+        except (RecipeError, ResumeMismatch, RunDirBusy, TrainingDiverged):
+            raise
+        except Exception as e:
+            self.requeue_after_failure(f"rank {dist_env.rank}: {type(e).__name__}: {e}")
+            raise
         return dict(summary=summary, rank=dist_env.rank, world_size=dist_env.world_size, node=node,
                     requeues=self.requeues, cpus=cpus)
+
+    def requeue_after_failure(self, reason: str) -> None:
+        """Requeue this job after a stall or a crash (``reason``), unless it has failed
+        ``slurm.max_failures`` times already. Any rank may call it; the first of this run does it."""
+        env = submitit.JobEnvironment()
+        folder = env.paths.folder
+        try:  # one ticket per run of the job (Slurm counts the runs in SLURM_RESTART_COUNT)
+            with open(folder / f"{env.job_id}.failure-{os.environ.get('SLURM_RESTART_COUNT', '0')}", "x") as ticket:
+                ticket.write(reason + "\n")
+        except FileExistsError:
+            return  # another rank of this run is on it
+        failures = len(list(folder.glob(f"{env.job_id}.failure-*")))
+        if failures > self.max_failures:
+            log.error("not requeued: job %s failed %d times (stalls or crashes; slurm.max_failures is %d); the logs are "
+                      "in %s; resubmit to continue from the last checkpoint", env.job_id, failures, self.max_failures,
+                      folder)
+            return
+        log.warning("job %s failed (%s): requeued after failure %d (slurm.max_failures %d); it resumes from the last "
+                    "checkpoint", env.job_id, reason, failures, self.max_failures)
+        subprocess.run(["scontrol", "requeue", env.job_id], check=True, timeout=60)
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
         """Called by submitit on rank 0 after the trainer saved: the job to requeue, or None when

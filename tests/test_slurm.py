@@ -2,11 +2,13 @@
 real submitit jobs training with DeepSpeed (gloo) across them, preemption and requeue."""
 
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import submitit
 from mlflow import MlflowClient
@@ -235,3 +237,48 @@ def test_bad_input_fails_before_submission(cluster, tmp_path, demo_shards, case)
     assert out.returncode != 0
     assert out.stderr.startswith(f"error: {recipe}: ") and expected in out.stderr and out.stderr.count("\n") == 1
     assert jobs(cluster) == before
+
+
+def tasks_of(job: submitit.SlurmJob) -> dict[str, psutil.Process]:
+    """The job's task processes on this machine, by Slurm rank (SLURM_PROCID)."""
+    tasks = {}
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+            if env.get("SLURM_JOB_ID") == job.job_id and "submitit.core._submit" in " ".join(p.cmdline()):
+                tasks[env["SLURM_PROCID"]] = p
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return tasks
+
+
+def freeze_rank_1(job: submitit.SlurmJob, logged) -> psutil.Process:
+    """SIGSTOP the job's rank 1 once rank 0's log is ``logged`` (the job's tasks run on this machine)."""
+    log, deadline = Path(job.paths.stdout), time.monotonic() + 300
+    while not (log.exists() and logged(log.read_text())):
+        assert time.monotonic() < deadline, "the job did not get there"  # (done() is unreliable while requeued)
+        time.sleep(0.2)
+    rank1 = tasks_of(job)["1"]
+    rank1.suspend()
+    return rank1
+
+
+@pytest.mark.slow
+def test_a_stalled_job_requeues_and_resumes_until_slurm_max_failures(cluster, tmp_path, demo_shards):
+    recipe = demo_recipe(tmp_path, demo_shards, train={"epochs": 3, "stall_timeout_s": 20},
+                         checkpoint={"every_steps": 4, "every_minutes": None}, slurm=dict(CPU_NODES, max_failures=1))
+    job = job_of(submit(cluster, recipe, "--nodes", "2"), recipe)
+    first = freeze_rank_1(job, lambda text: " step 5/45 " in text)  # after the checkpoint of step 4
+    # Rank 0 names the frozen rank, requeues the job (failure 1 of slurm.max_failures 1) and ends
+    # it; the requeued job resumes, and its new rank 1 is frozen once it trains.
+    second = freeze_rank_1(job, lambda text: "resuming from" in text and " step " in text.split("resuming from")[-1])
+    assert second.pid != first.pid and not first.is_running()
+    assert final_state(job) == "FAILED"
+    text = Path(job.paths.stdout).read_text()
+    verdicts = [line for line in text.splitlines() if " ERROR stalled: rank 1 (no heartbeat for " in line]
+    assert len(verdicts) == 2 and f"pid {first.pid} on {socket.gethostname()}" in verdicts[0]
+    assert f"pid {second.pid} on {socket.gethostname()}" in verdicts[1]
+    assert f"job {job.job_id} failed (stalled: rank 1" in text and "requeued after failure 1 (slurm.max_failures 1)" in text
+    assert (f"not requeued: job {job.job_id} failed 2 times (stalls or crashes; slurm.max_failures is 1); the logs are "
+            f"in {Path(job.paths.stdout).parent}; resubmit to continue from the last checkpoint") in text
+    assert not tasks_of(job)

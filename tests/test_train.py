@@ -370,3 +370,25 @@ def test_compile_through_the_engine_matches_eager_across_a_resolution_change(tmp
     best = max((48, 64), key=lambda size: metrics[f"top1_{size}px"])
     assert tags["best_eval_size"] == str(best)
     assert f"(best: {best} px)." in tags["mlflow.note.content"]
+
+
+def test_a_frozen_rank_ends_the_run_named_and_the_next_launch_resumes(tmp_path, demo_shards):
+    path = recipe(tmp_path, demo_shards, train={"epochs": 2, "stall_timeout_s": 30}, checkpoint={"every_steps": 4})
+    process = launch(path)
+    checkpoints = tmp_path / "out" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints / ckpt.LATEST).exists():
+        assert time.monotonic() < deadline and process.poll() is None, "no checkpoint"
+        time.sleep(0.05)
+    ranks = training_ranks(process)
+    (frozen,) = [p for p in ranks if p.environ().get("RANK") == "1"]
+    frozen.suspend()  # SIGSTOP: no heartbeat, no progress, no reply to collectives
+    stopped = time.monotonic()
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode != 0 and time.monotonic() - stopped < 90
+    (verdict,) = [line for line in out.splitlines() if " ERROR stalled: " in line]
+    assert "stalled: rank 1 (no heartbeat for " in verdict and f"pid {frozen.pid} on {socket.gethostname()}" in verdict
+    assert "train.stall_timeout_s 30" in verdict
+    assert "Thread" in out and "most recent call first" in out  # rank 0's Python stacks (faulthandler)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
+    assert "resuming from" in run(path)

@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N -m fatscale.train RECIPE [--set key=value ...]
 
 SIGTERM (torchrun passes it on, and the kernel sends it when torchrun dies) makes the ranks save
-and stop; exit 143 then, 1 on divergence or a refused recipe, 0 when training is complete.
+and stop; exit 143 then, 1 on divergence or a refused recipe, 75 when a rank stalled
+(fatscale.train.watchdog), 0 when training is complete.
 """
 
 from __future__ import annotations

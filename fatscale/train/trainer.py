@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -32,6 +33,7 @@ from fatscale.train.evaluation import evaluate
 from fatscale.train.logs import log_to_file
 from fatscale.train.reporting import Reporter
 from fatscale.train.state import TrainState, seed_everything
+from fatscale.train.watchdog import Watchdog
 from timm.utils import ModelEmaV3
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,8 @@ def recipe_changes(old_text: str, new_text: str) -> list[str]:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, recipe_text: str, stop: threading.Event | None = None):
+    def __init__(self, recipe: Recipe, recipe_text: str, stop: threading.Event | None = None,
+                 on_stall: Callable[[str], None] | None = None):
         self.recipe, self.stop = recipe, stop or threading.Event()
         t = recipe.train
         configure_backends(t.deterministic)
@@ -125,6 +128,7 @@ class Trainer:
         self.vote = StepVote(self.device)
         self.losses: dict[int, torch.Tensor] = {}  # of the steps whose vote is not read yet, for a divergence
         self._last_size = None  # the train size last logged
+        self.watchdog = Watchdog(self.rank, self.world, t.stall_timeout_s, on_stall)
         self.session_start, self.session_step = time.monotonic(), self.state.global_step
         self.elapsed_before = self.state.elapsed_s  # the sessions before this one
         self.train_seconds = 0.0  # in this session's epochs, for images/s
@@ -134,6 +138,7 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Epochs until the last step, each followed by an evaluation (every ``eval_every``) and a
         checkpoint; then the final evaluation, export and MLflow summary."""
+        self.watchdog.start()
         try:
             while self.state.global_step < self.total_steps:
                 epoch_start = time.monotonic()
@@ -145,6 +150,7 @@ class Trainer:
                 if finished or self.state.epoch % self.recipe.train.eval_every == 0:
                     is_best = self.evaluate()
                 self.save(is_best)  # at every epoch end, and at the end
+                self.watchdog.enter("a collective (epoch end)", self.state.global_step)
                 if not finished and agree(self.device, self.stop.is_set())[0]:
                     self.interrupt()
             if not self.metrics:  # resumed after the last evaluation
@@ -153,6 +159,8 @@ class Trainer:
         except BaseException:
             self.reporter.failed()
             raise
+        finally:
+            self.watchdog.stop()
         self.close()
         return summary
 
@@ -170,6 +178,7 @@ class Trainer:
             step = self.state.global_step
             # One collective per step, read a step later (StepVote): divergence on any rank, a stop
             # request (signal) on any rank, and rank 0's clock for time-based saves.
+            self.watchdog.enter("a collective (the step's vote)", step)
             voted = self.vote.cast(step, self.nonfinite, self.stop.is_set(),
                                    self.checkpointer.due_by_clock(time.monotonic()))
             self.nonfinite.zero_()
@@ -191,6 +200,7 @@ class Trainer:
         step is complete (None while accumulating) and, on logging steps without ZeRO, the
         gradient norm before clipping."""
         t = self.recipe.train
+        self.watchdog.enter("forward/backward", self.state.global_step + 1)
         loss = self.loss_fn(self.engine(images), targets)
         if t.precision != "fp16":  # fp16's loss scaler skips steps with inf/NaN gradients itself
             self.nonfinite |= ~torch.isfinite(loss.detach())
@@ -203,6 +213,7 @@ class Trainer:
             grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
             if self.grad_scaler is not None:  # fp16: the gradients are still multiplied by the loss scale
                 grad_norm /= self.grad_scaler.get_scale()
+        self.watchdog.enter("optimizer step", self.state.global_step + 1)
         self.engine.step()
         if self.engine.global_steps == self.state.global_step:
             return None, None
@@ -223,6 +234,7 @@ class Trainer:
                 # Eagerly, also a compiled model (engine.compile() compiles the module in place):
                 # compiled, each eval size and last partial batch would add graphs, for ~1/50 of an
                 # epoch's work.
+                self.watchdog.enter(f"evaluating{suffix} at {size} px", self.state.global_step)
                 with torch.compiler.set_stance("force_eager"):
                     result = evaluate(model, loader, self.device, self.recipe.train.precision)
                 for key in ("top1", "top5", "loss"):
@@ -240,6 +252,7 @@ class Trainer:
 
     def save(self, is_best: bool = False) -> Path:
         self._act_on(self.vote.result(), saving=True)  # never save the weights of a diverged step
+        self.watchdog.enter("saving", self.state.global_step)
         self._count_elapsed()
         if self.rank == 0:
             self.state.mlflow_run_id = self.reporter.run_id or self.state.mlflow_run_id  # None while MLflow is away
@@ -280,6 +293,7 @@ class Trainer:
         batches = iter(loader)
         while True:
             start = time.monotonic()
+            self.watchdog.enter("loading data", self.state.global_step + 1)
             try:
                 images, targets = next(batches)
             except StopIteration:
@@ -317,11 +331,13 @@ class Trainer:
             self.save()
 
 
-def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None) -> dict[str, float]:
-    """Train ``recipe`` on this rank; returns the final top-1 summary. The process group ends with
-    it, however it ends (NCCL's communicators are then freed, not left to the interpreter's exit)."""
+def train(recipe: Recipe, recipe_text: str, stop: threading.Event | None = None,
+          on_stall: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Train ``recipe`` on this rank; returns the final top-1 summary. ``on_stall`` runs before the
+    rank exits on a stall (fatscale.train.watchdog). The process group ends with the training,
+    however it ends (NCCL's communicators are then freed, not left to the interpreter's exit)."""
     try:
-        return Trainer(recipe, recipe_text, stop).train()
+        return Trainer(recipe, recipe_text, stop, on_stall).train()
     finally:
         if torch.distributed.is_initialized():
             deepspeed.comm.destroy_process_group()  # torch's, and DeepSpeed's references to its groups
