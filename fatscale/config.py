@@ -134,6 +134,11 @@ class ModelConfig(_Section):
     # GroupNorm(1, C) that keeps channels_last (CUDA's group_norm makes its input NCHW); false:
     # timm's GroupNorm1. The same weights and function either way.
     norm_keeps_format: bool = True
+    # Fine-tuning: start a fresh run from these weights (fatscale.weights: a run's output directory,
+    # a checkpoint, an exported timm folder, a weights file, models:/NAME/VERSION); a resumed run
+    # continues from its own checkpoint.
+    init_from: str | None = None
+    init_from_ema: bool = False  # the source's EMA weights (output and checkpoint directories)
     grad_checkpointing: tuple[int, ...] = setting(  # stages to recompute in backward
         (), must(lambda v: all(0 <= s < STAGES for s in v), f"stage indices 0..{STAGES - 1}"))
     compile: bool = False  # torch.compile through the DeepSpeed engine
@@ -270,6 +275,9 @@ class OptimConfig(_Section):
     warmup_lr: float = setting(5e-7, NON_NEGATIVE)
     min_lr: float = setting(5e-6, NON_NEGATIVE)
     fused: bool = True  # torch's fused AdamW kernel on GPUs (one kernel for all parameters); CPUs: the plain one
+    # Layer-wise LR decay (fine-tuning): a block d layers below the head trains at lr * layer_decay^d
+    # (timm's param_groups_layer_decay over the model's group_matcher). None: off.
+    layer_decay: float | None = setting(None, must(lambda v: 0 < v <= 1, "in (0, 1]"))
 
 
 @dataclass(frozen=True)
@@ -452,7 +460,8 @@ def resolve(raw: dict, source: str, overrides: list[str] = ()) -> Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), check_shards: bool = True) -> Recipe:
-    """Read, override and validate a recipe; with ``check_shards`` also its shard manifest."""
+    """Read, override and validate a recipe; with ``check_shards`` also its shard manifest and the
+    weights it starts from (``model.init_from``), which must exist here."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -467,6 +476,10 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_shards: bool 
         recipe = dataclasses.replace(recipe, tracking=dataclasses.replace(recipe.tracking, run_name=path.stem))
     if check_shards:
         check_data(recipe, str(path))
+        source = recipe.model.init_from  # its contents are checked where it is loaded (fatscale.weights)
+        if source and not (source.startswith("models:/") or Path(source).exists()):
+            raise RecipeError(f"{path}: model.init_from: no such file or directory {source!r} (a run's output "
+                              f"directory, a checkpoint, an exported timm folder, a weights file or models:/NAME/VERSION)")
     return recipe
 
 

@@ -56,6 +56,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from fatscale.run_lock import RunDirBusy
         from fatscale.train.logs import setup_logging
         from fatscale.train.trainer import Interrupted, TrainingDiverged, train
+        from fatscale.weights import SourceError
 
         recipe = resolve(yaml.safe_load(self.recipe_text), self.source)
         self.max_requeues = recipe.slurm.max_requeues  # for checkpoint(), which submitit calls in this process
@@ -74,7 +75,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             if dist_env.rank == 0:
                 requeue(signal.SIGUSR2, None)
             sys.exit(0)  # the other ranks: done here, rank 0 requeues the job
-        except (RecipeError, ResumeMismatch, RunDirBusy, TrainingDiverged):
+        except (RecipeError, ResumeMismatch, RunDirBusy, SourceError, TrainingDiverged):
             raise
         except Exception as e:
             self.requeue_after_failure(f"rank {dist_env.rank}: {type(e).__name__}: {e}")

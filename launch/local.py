@@ -74,14 +74,16 @@ def main() -> None:
 
 def preflight(recipe, source: str, nproc: int) -> None:
     """What would make the ranks fail at once, said in one line before they start."""
-    from fatscale import resume  # imports torch (fatscale.checkpoint)
+    from fatscale import resume, weights  # import torch (fatscale.checkpoint)
 
     try:
         manifest = load_manifest(recipe.data.shards)
         check_world(recipe, manifest, nproc, source)
         check_free(recipe.output_dir)
         resumed = resume.check_output_dir(recipe, manifest, nproc)
-    except (RecipeError, RunDirBusy, resume.ResumeMismatch) as e:
+        if resumed is None and recipe.model.init_from:
+            weights.check_init_from(recipe)
+    except (RecipeError, RunDirBusy, resume.ResumeMismatch, weights.SourceError) as e:
         sys.exit(f"error: {e}")
     if resumed is not None:
         _, progress = resumed

@@ -69,7 +69,12 @@ def resolve_recipe(args: argparse.Namespace) -> Recipe:
     return dataclasses.replace(
         recipe, output_dir=output_dir,
         data=dataclasses.replace(recipe.data, shards=str(Path(recipe.data.shards).resolve())),
+        model=dataclasses.replace(recipe.model, init_from=_absolute(recipe.model.init_from)),
         tracking=dataclasses.replace(recipe.tracking, uri=tracking_uri(recipe.tracking.uri, output_dir)))
+
+
+def _absolute(source: str | None) -> str | None:
+    return source if source is None or source.startswith("models:/") else str(Path(source).resolve())
 
 
 def check_shards(recipe: Recipe) -> Manifest:
@@ -101,11 +106,13 @@ def check_output_dir(recipe: Recipe, folder: Path, manifest: Manifest, world_siz
             raise PreflightError(f"output_dir: job {job_id} ({state}) already trains into {output_dir}; "
                                  f"wait for it, cancel it (scancel {job_id}) or choose another output_dir")
     check_free(output_dir)
-    from fatscale import resume  # imports torch (fatscale.checkpoint): last, after every quicker check
+    from fatscale import resume, weights  # import torch (fatscale.checkpoint): last, after every quicker check
 
     try:
         resumed = resume.check_output_dir(recipe, manifest, world_size)
-    except resume.ResumeMismatch as e:
+        if resumed is None and recipe.model.init_from:  # a fine-tuning run starts from these weights
+            weights.check_init_from(recipe)
+    except (resume.ResumeMismatch, weights.SourceError) as e:
         raise PreflightError(str(e)) from None
     if resumed is None:
         return None

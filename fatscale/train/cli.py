@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     from fatscale.data.manifest import load_manifest
     from fatscale.run_lock import RunDirBusy
     from fatscale.train.logs import setup_logging
+    from fatscale.weights import SourceError
 
     recipe = load_recipe_or_exit(args.recipe, args.overrides)
     rank = int(os.environ.get("RANK", "0"))
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingDiverged as e:
         log.error("%s", e)
         sys.exit(1)
-    except (RecipeError, RunDirBusy, resume.ResumeMismatch) as e:  # the same on every rank: said once
+    except (RecipeError, RunDirBusy, resume.ResumeMismatch, SourceError) as e:  # the same on every rank: said once
         if rank == 0:
             log.error("%s", e)
         sys.exit(1)

@@ -33,6 +33,19 @@ def build_model(recipe: Recipe, num_classes: int, world: int, device: torch.devi
     return model
 
 
+def init_weights(recipe: Recipe, model: torch.nn.Module):
+    """Fine-tuning: ``model.init_from``'s weights in ``model`` (fatscale.weights: strict, but the
+    classifier is re-initialised when the number of classes differs). Returns the loaded Weights."""
+    from fatscale.weights import init_from, load_into
+
+    weights = init_from(recipe)
+    new_head = load_into(model, recipe.model.name, weights)
+    log.info("initialised from %s%s", weights.description,
+             f"; the classifier is re-initialised ({weights.state_dict['head.weight'].shape[0]} classes there, "
+             f"{model.num_classes} here)" if new_head else "")
+    return weights
+
+
 def global_batch(recipe: Recipe, world: int) -> int:
     """Images per optimizer step over all ranks."""
     return recipe.train.batch_per_device * recipe.train.grad_accum * world
@@ -48,7 +61,7 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, world: int) -> torch
     o = recipe.optim
     fused = o.fused and next(model.parameters()).is_cuda
     return create_optimizer_v2(model, opt="adamw", lr=o.lr * lr_scale(recipe, world), weight_decay=o.weight_decay,
-                               betas=o.betas, eps=o.eps, **({"fused": True} if fused else {}))
+                               betas=o.betas, eps=o.eps, layer_decay=o.layer_decay, **({"fused": True} if fused else {}))
 
 
 def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, world: int,

@@ -79,8 +79,9 @@ class Reporter:
     def run_id(self) -> str | None:
         return self.tracker.run_id
 
-    def started(self, state: TrainState, recipe_text: str, changed: list[str]) -> None:
-        """A new run's parameters, datasets, description and recipe; a resumed one's marks."""
+    def started(self, state: TrainState, recipe_text: str, changed: list[str], initialised_from=None) -> None:
+        """A new run's parameters, datasets, description, recipe and, when fine-tuning, where its
+        weights come from (``initialised_from``, fatscale.weights.Weights); a resumed one's marks."""
         if self.rank != 0:
             return
         r, output_dir = self.recipe, Path(self.recipe.output_dir)
@@ -94,6 +95,9 @@ class Reporter:
                 f"{r.model.name} on {self.data_name} ({splits['train'].num_samples} train, "
                 f"{splits['val'].num_samples} val images, {self.manifest.num_classes} classes), "
                 f"{r.train.epochs} epochs on {self.devices}: training")})
+            if initialised_from is not None:  # lineage: the weights, and the run that made them
+                self.tracker.set_tags({"init_from": r.model.init_from, "init_from_weights": initialised_from.description,
+                                       **({"init_from_run_id": initialised_from.run_id} if initialised_from.run_id else {})})
             resolved = output_dir / "recipe.yaml"
             resolved.write_text(recipe_text)
             self.tracker.log_artifact(str(resolved))

@@ -84,6 +84,9 @@ class Trainer:
 
         seed_everything(recipe.seed)  # identical initial weights on every rank
         model = components.build_model(recipe, num_classes, self.world, self.device).to(self.device)
+        # Fine-tuning starts a fresh run from trained weights; a resumed run has its own.
+        initialised_from = components.init_weights(recipe, model) \
+            if recipe.model.init_from and resumed is None else None
         if self.world > 1 and t.sync_bn and self.device.type != "cuda" and self.rank == 0:
             log.warning("train.sync_bn: no GPU, BatchNorm statistics stay per rank (set train.sync_bn: false for CPU runs)")
         # The EMA copies the bare module, before DeepSpeed hooks into it and before it is compiled:
@@ -122,7 +125,7 @@ class Trainer:
         self.scheduler = components.build_scheduler(recipe, self.optimizer, self.world, steps_per_epoch)
         self.scheduler.step_update(self.state.global_step)
         self.reporter = Reporter(recipe, manifest, self.state, self.rank, local_rank, self.world, self.device)
-        self.reporter.started(self.state, recipe_text, changed)
+        self.reporter.started(self.state, recipe_text, changed, initialised_from)
         self.metrics: dict[str, float] = {}  # of the last evaluation
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # a micro-step's loss, since the last step
         self.vote = StepVote(self.device)
@@ -306,7 +309,8 @@ class Trainer:
         per_step = (time.monotonic() - self.session_start) / max(step - self.session_step, 1)
         if grad_norm is None:
             grad_norm = float(self.engine.get_global_grad_norm())
-        self.reporter.step(self.state, self.total_steps, loss.item(), self.optimizer.param_groups[0]["lr"], grad_norm,
+        lr = max(group["lr"] for group in self.optimizer.param_groups)  # the head's, under optim.layer_decay
+        self.reporter.step(self.state, self.total_steps, loss.item(), lr, grad_norm,
                            eta_s=(self.total_steps - step) * per_step, img_size=self.train_loader.img_size,
                            compiled_graphs=compiled_graphs() if self.recipe.model.compile else None)
 
