@@ -47,6 +47,7 @@ class Weights:
     run_id: str | None = None  # the MLflow run that made them, when known
     tracking_uri: str | None = None  # where that run lives, when known
     recipe: dict | None = None  # the recipe that trained them (output and checkpoint directories)
+    pretrained_cfg: dict | None = None  # a timm folder's (config.json): the input size and crop it was exported for
 
 
 def load_weights(source: str, ema: bool = False, tracking_uri: str | None = None) -> Weights:
@@ -93,7 +94,7 @@ def build_model(weights: Weights, model_name: str | None = None, num_classes: in
         raise SourceError(f"{weights.description}: the file names no architecture: give the model's name")
     source_classes = weights.state_dict["head.weight"].shape[0] if "head.weight" in weights.state_dict else None
     model = timm.create_model(name, num_classes=num_classes or source_classes or 1000,
-                              **{**weights.model_args, **model_args})
+                              pretrained_cfg_overlay=weights.pretrained_cfg, **{**weights.model_args, **model_args})
     load_into(model, name, weights)
     return model.eval()
 
@@ -171,7 +172,9 @@ def _read_checkpoint(checkpoint_dir: Path, tag: str, ema: bool) -> Weights:
     model = recipe["model"]
     return Weights({k: v.float() for k, v in state.items()}, model["name"], "model_ema" if ema else "model",
                    f"{checkpoint_dir / tag}{' (EMA)' if ema else ''}",
-                   model_args=dict(bidirectional=model["bidirectional"]), run_id=progress.get("mlflow_run_id"),
+                   model_args=dict(bidirectional=model["bidirectional"],
+                                   norm_keeps_format=model.get("norm_keeps_format", True)),
+                   run_id=progress.get("mlflow_run_id"),
                    tracking_uri=tracking_uri(recipe["tracking"]["uri"], str(checkpoint_dir.parent)), recipe=recipe)
 
 
@@ -188,7 +191,7 @@ def _from_timm_folder(folder: Path, source: str, label: str, run_id: str | None 
         raise SourceError(f"{source}: not a readable timm folder ({type(e).__name__}: {e})") from None
     return Weights({k: v.float() for k, v in state.items()}, name, label, source,
                    model_args={k: v for k, v in config.get("model_args", {}).items() if k == "bidirectional"},
-                   run_id=run_id, tracking_uri=tracking_uri)
+                   run_id=run_id, tracking_uri=tracking_uri, pretrained_cfg=config.get("pretrained_cfg"))
 
 
 def _from_file(path: Path) -> Weights:

@@ -437,8 +437,9 @@ class TrainLoader(_DaliSplit):
 
 
 class ValLoader(_DaliSplit):
-    """Each rank yields its contiguous part of the val split, every sample exactly once; a
-    quarantined sample is left out (and listed in ``quarantine``).
+    """Each rank yields its contiguous part of the val split (or of ``split``: fatscale.evaluate
+    --split train), every sample exactly once; a quarantined sample is left out (and listed in
+    ``quarantine``).
 
     Each pass (evaluation) builds its pipeline and releases it at its end: kept between
     evaluations, it would hold its buffers (prefetched batches, decoder state: GPU memory on a GPU)
@@ -449,11 +450,11 @@ class ValLoader(_DaliSplit):
     policy = LastBatchPolicy.PARTIAL
 
     def __init__(self, manifest: Manifest, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", img_size: int | None = None):
+                 device: torch.device | str = "cpu", img_size: int | None = None, split: str = "val"):
         self.img_size = cfg.img_size if img_size is None else img_size  # one of cfg.val_sizes, for the trainer
         if self.img_size < MIN_IMG_SIZE:
             raise ValueError(f"val img_size {self.img_size}: must be at least {MIN_IMG_SIZE}")
-        super().__init__(manifest, "val", cfg, batch_size, rank, world_size, torch.device(device), 0, [])
+        super().__init__(manifest, split, cfg, batch_size, rank, world_size, torch.device(device), 0, [])
         # The reader's split of N samples over W shards: [floor(N r / W), floor(N (r + 1) / W)).
         self.rank_samples = (self.num_samples * (rank + 1)) // world_size - (self.num_samples * rank) // world_size
 

@@ -9,9 +9,12 @@ from fatscale.data.loader import ValLoader
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: ValLoader, device: torch.device, precision: str) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, loader: ValLoader, device: torch.device, precision: str,
+             confusion: torch.Tensor | None = None) -> dict[str, float]:
     """top-1/top-5 (percent) and mean loss, with the number of images evaluated and of those left
-    out as undecodable (quarantined)."""
+    out as undecodable (quarantined). ``confusion``, a (classes, classes) int64 tensor on ``device``
+    (fatscale.evaluate's per-class figures), gets the count of each (label, top-1 prediction) pair
+    added, summed over the ranks."""
     model.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, top1, top5, count, quarantined
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -24,8 +27,13 @@ def evaluate(model: torch.nn.Module, loader: ValLoader, device: torch.device, pr
         totals[1] += (top5[:, 0] == labels).sum()
         totals[2] += (top5 == labels[:, None]).any(1).sum()
         totals[3] += labels.numel()
+        if confusion is not None:
+            classes = confusion.shape[0]
+            confusion += torch.bincount(labels * classes + top5[:, 0], minlength=classes * classes).view_as(confusion)
     totals[4] = len(loader.quarantine)
     dist.all_reduce(totals)
+    if confusion is not None:
+        dist.all_reduce(confusion)
     loss_sum, top1, top5, count, quarantined = totals.tolist()
     return dict(loss=loss_sum / count, top1=100 * top1 / count, top5=100 * top5 / count, count=count,
                 quarantined=quarantined)

@@ -34,7 +34,7 @@ from fatscale.train.logs import log_to_file
 from fatscale.train.reporting import Reporter
 from fatscale.train.state import TrainState, seed_everything
 from fatscale.train.watchdog import Watchdog
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, distribute_bn
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,13 @@ class Trainer:
         recipe's eval size, ``val/top1_Spx`` at each: MLflow keys cannot hold "@"); whether the raw
         top-1 is the best so far."""
         models = {"": self.engine.module, "_ema": self.ema.module if self.ema is not None else None}
+        if self.world > 1:
+            # Without SyncBatchNorm (CPU ranks, train.sync_bn: false) each rank has BatchNorm statistics
+            # of its own, and a checkpoint keeps rank 0's: every rank evaluates with those, so the
+            # figures are those of the saved weights (python -m fatscale.evaluate gets them back).
+            for model in models.values():
+                if model is not None:
+                    distribute_bn(model, self.world)
         metrics: dict[str, float] = {}
         sized = len(self.val_loaders) > 1  # the keys with the size only when there are several sizes
         for i, (size, loader) in enumerate(self.val_loaders.items()):
