@@ -13,7 +13,8 @@ trained model from a folder alone::
 
 The trainer logs both folders to MLflow as logged models and registers them (fatscale.tracking);
 ``load_mlflow_model("models:/NAME/VERSION")`` builds the model from the registry. Nothing is
-unpickled, neither from the checkpoint nor from MLflow.
+unpickled, neither from the checkpoint nor from MLflow. A checkpoint whose files do not match its
+seal (fatscale.checkpoint) is refused with one line naming the file.
 """
 
 from __future__ import annotations
@@ -39,11 +40,16 @@ FLAVOR = "fatscale"  # the MLmodel flavor of fatscale's MLflow models
 
 
 def export(output_dir: Path, tag: str | None = None, out: Path | None = None) -> list[Path]:
-    """The folders written (raw first, then EMA), from checkpoint ``tag`` (default: the latest)."""
+    """The folders written (raw first, then EMA), from checkpoint ``tag`` (default: the latest),
+    which must match its seal (fatscale.checkpoint)."""
     checkpoint_dir = output_dir / "checkpoints"
     tag = tag or ckpt.latest_tag(checkpoint_dir)
     if tag is None:
         raise FileNotFoundError(f"{checkpoint_dir}: no complete checkpoint")
+    verdict = ckpt.verify(checkpoint_dir, tag)
+    if not verdict.good:
+        raise RuntimeError(f"{verdict.damage}: not exported; python -m fatscale.checkpoint verify {output_dir} "
+                           f"lists the intact checkpoints (export one with --tag)")
     recipe = yaml.safe_load(ckpt.read_json(checkpoint_dir / tag / "progress.json")["recipe"])
     out = out or output_dir / "export"
     weights = {"model": ckpt.module_state_dict(checkpoint_dir, tag)}

@@ -8,11 +8,16 @@ checkpoint re-saved by 1 rank lacks rank 1's state). So every checkpoint records
 ``RESUME_KEYS`` it was made with, and a run that differs in any of them is refused before it
 starts, by the launchers and by the trainer itself. Any other change (more epochs, another
 learning rate) resumes; the trainer records it (new recipe artifact, MLflow tag).
+
+The checkpoint resumed is the newest one whose files all match its seal (fatscale.checkpoint):
+a damaged newer one is named in a warning and passed over; when none is intact the run is
+refused, never started afresh on its own.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from fatscale import checkpoint as ckpt
@@ -31,8 +36,16 @@ RESUME_KEYS = (
 )
 
 
+log = logging.getLogger(__name__)
+
+
 class ResumeMismatch(ValueError):
     """The output directory's checkpoint was made by an incompatible recipe (one-line message)."""
+
+
+class NoIntactCheckpoint(ResumeMismatch):
+    """The output directory holds checkpoints but none is intact (one-line message). A
+    ResumeMismatch: the launchers and the trainer refuse it the same way."""
 
 
 def identity(recipe: Recipe, manifest: Manifest, world_size: int) -> dict:
@@ -62,14 +75,61 @@ def check(progress: dict, current: dict, checkpoint: Path) -> None:
             f"in another output_dir (--set output_dir=...) or after removing {checkpoint.parent}")
 
 
+def intact_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The tag of the newest sealed checkpoint whose files all verify, after a warning for each
+    newer one that does not; None when there is no checkpoint (a fresh run). Raises
+    :class:`NoIntactCheckpoint` when there are checkpoints but none verifies."""
+    start_fresh = f"start fresh in another output_dir (--set output_dir=...) or after removing {checkpoint_dir}"
+    damaged = []
+    for tag in ckpt.sealed_tags(checkpoint_dir):
+        verdict = ckpt.verify(checkpoint_dir, tag)
+        if verdict.good:
+            for bad in damaged:
+                log.warning("checkpoint %s: %s; resuming from %s", checkpoint_dir / bad.tag, bad.damage,
+                            checkpoint_dir / tag)
+            if not verdict.checksummed:
+                log.warning("checkpoint %s was sealed without checksums (by an older fatscale): resuming from it "
+                            "unverified", checkpoint_dir / tag)
+            return tag
+        damaged.append(verdict)
+    if damaged:
+        older = f" (and {len(damaged) - 1} older ones are damaged)" if len(damaged) > 1 else ""
+        raise NoIntactCheckpoint(f"no checkpoint in {checkpoint_dir} is intact: {damaged[0].damage}{older}; python -m "
+                                 f"fatscale.checkpoint verify {checkpoint_dir.parent} lists them; {start_fresh}")
+    pointer = checkpoint_dir / ckpt.LATEST
+    if pointer.exists():  # a run saved here, and its checkpoints are gone
+        raise NoIntactCheckpoint(f"{pointer} names {pointer.read_text().strip()}, but {checkpoint_dir} holds no "
+                                 f"sealed checkpoint; {start_fresh}")
+    return None
+
+
 def check_output_dir(recipe: Recipe, manifest: Manifest, world_size: int) -> tuple[Path, dict] | None:
-    """The latest complete checkpoint in ``recipe.output_dir`` and its progress record, which the
-    run will resume (None for a fresh run), or :class:`ResumeMismatch`. For the launchers, before
-    anything starts, and for the trainer, before any state is built."""
+    """The checkpoint in ``recipe.output_dir`` that the run will resume (:func:`intact_checkpoint`)
+    and its progress record (None for a fresh run), or :class:`ResumeMismatch`. For the launchers,
+    before anything starts, and for the trainer (:func:`check_output_dir_on_rank_0`), before any
+    state is built."""
     checkpoint_dir = Path(recipe.output_dir) / "checkpoints"
-    tag = ckpt.latest_tag(checkpoint_dir)
+    tag = intact_checkpoint(checkpoint_dir)
     if tag is None:
         return None
     progress = ckpt.read_json(checkpoint_dir / tag / "progress.json")
     check(progress, identity(recipe, manifest, world_size), checkpoint_dir / tag)
     return checkpoint_dir / tag, progress
+
+
+def check_output_dir_on_rank_0(recipe: Recipe, manifest: Manifest, world_size: int,
+                               rank: int) -> tuple[Path, dict] | None:
+    """:func:`check_output_dir` for the trainer's ranks: rank 0 verifies the checkpoints (one read of
+    them, not one per rank) and every rank gets its answer, or its refusal: all resume the same one."""
+    import torch.distributed as dist
+
+    answer: list = [None]
+    if rank == 0:
+        try:
+            answer[0] = check_output_dir(recipe, manifest, world_size)
+        except ResumeMismatch as e:
+            answer[0] = e
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], ResumeMismatch):
+        raise answer[0]
+    return answer[0]

@@ -74,7 +74,7 @@ def main() -> None:
 
 def preflight(recipe, source: str, nproc: int) -> None:
     """What would make the ranks fail at once, said in one line before they start."""
-    from fatscale import resume, weights  # import torch (fatscale.checkpoint)
+    from fatscale import resume, weights
 
     try:
         manifest = load_manifest(recipe.data.shards)

@@ -106,7 +106,7 @@ def check_output_dir(recipe: Recipe, folder: Path, manifest: Manifest, world_siz
             raise PreflightError(f"output_dir: job {job_id} ({state}) already trains into {output_dir}; "
                                  f"wait for it, cancel it (scancel {job_id}) or choose another output_dir")
     check_free(output_dir)
-    from fatscale import resume, weights  # import torch (fatscale.checkpoint): last, after every quicker check
+    from fatscale import resume, weights  # last, after every quicker check
 
     try:
         resumed = resume.check_output_dir(recipe, manifest, world_size)

@@ -1,6 +1,7 @@
 """The Checkpointer and the state round trips, in this process (a world of one gloo rank, a real
 DeepSpeed engine, a real DALI train loader on the demo shards): what a save holds comes back
-exactly, saves happen when they are due, and a save cut short leaves the last one loadable."""
+exactly and its seal records every file written, saves happen when they are due, and a save cut
+short, or a step saved again, leaves an intact checkpoint."""
 
 import random
 
@@ -110,6 +111,19 @@ def test_a_checkpoint_restores_everything_it_holds(process_group, demo_shards, t
                                                                               **checkpointer.identity}
 
 
+def test_the_seal_records_every_file_the_save_wrote(process_group, demo_shards, tmp_path):
+    from fatscale.train.checkpointer import Checkpointer
+
+    engine, loader = make_engine(seed=0), make_loader(demo_shards)
+    checkpointer = Checkpointer(CheckpointConfig(), tmp_path, engine, torch.nn.Linear(2, 2), None, rank=0)
+    step(engine, *next(iter(loader)))
+    folder = checkpointer.save(TrainState(global_step=1), loader)
+    files = ckpt.read_json(folder / ckpt.COMPLETE)["files"]
+    written = sorted(p.name for p in folder.iterdir() if p.name != ckpt.COMPLETE)
+    assert sorted(files) == written == ["ema.safetensors", "mp_rank_00_model_states.pt", "progress.json", "rank-0.json"]
+    assert all(ckpt.file_record(folder / name) == entry for name, entry in files.items())  # hashed once written
+
+
 def test_saves_are_due_by_steps_and_by_rank_0s_clock(process_group, tmp_path):
     from fatscale.train.checkpointer import Checkpointer
 
@@ -124,7 +138,8 @@ def test_saves_are_due_by_steps_and_by_rank_0s_clock(process_group, tmp_path):
     assert not other_rank.due_by_clock(other_rank.last_save + 1000)  # it learns rank 0's decision (StepVote)
 
 
-def test_a_save_cut_short_leaves_the_last_checkpoint_loadable(process_group, demo_shards, tmp_path, monkeypatch):
+def test_a_save_cut_short_or_repeated_leaves_an_intact_checkpoint(process_group, demo_shards, tmp_path, monkeypatch):
+    from fatscale.resume import intact_checkpoint
     from fatscale.train.checkpointer import Checkpointer
 
     engine, loader = make_engine(seed=0), make_loader(demo_shards)
@@ -133,21 +148,30 @@ def test_a_save_cut_short_leaves_the_last_checkpoint_loadable(process_group, dem
     step(engine, *next(batches))
     checkpointer.save(TrainState(global_step=1), loader)
     good = weights(engine.module)
-    step(engine, *next(batches))
 
     def killed(*args):
         raise KeyboardInterrupt  # the process dies after every part is written, before the seal
 
+    # The same step saved again (a periodic save, then the epoch end's), cut short: the first stays.
+    monkeypatch.setattr(ckpt, "mark_complete", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save(TrainState(global_step=1, epoch=1), loader)
+    monkeypatch.undo()
+    assert (tmp_path / "step-000000001.saving").is_dir() and intact_checkpoint(tmp_path) == "step-000000001"
+    step(engine, *next(batches))
     monkeypatch.setattr(ckpt, "mark_complete", killed)
     with pytest.raises(KeyboardInterrupt):
         checkpointer.save(TrainState(global_step=2), loader)
     monkeypatch.undo()
-    assert (tmp_path / "step-000000002").is_dir() and ckpt.latest_tag(tmp_path) == "step-000000001"
+    assert ckpt.latest_tag(tmp_path) == intact_checkpoint(tmp_path) == "step-000000001"
     restored = TrainState()
     engine2 = make_engine(seed=1)
     Checkpointer(CheckpointConfig(), tmp_path, engine2, None, None, rank=0).load("step-000000001", restored,
                                                                                  make_loader(demo_shards))
     assert restored.global_step == 1 and all(torch.equal(weights(engine2.module)[k], v) for k, v in good.items())
-    step(engine, *next(batches))
-    checkpointer.save(TrainState(global_step=3), loader)  # the next save removes the half-written one
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000003"]
+    # Saved again, completed: it replaces the earlier save of its step, and the leftovers go.
+    checkpointer.save(TrainState(global_step=2, epoch=1), loader)
+    checkpointer.save(TrainState(global_step=2, epoch=2), loader)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000002"]
+    assert ckpt.verify(tmp_path, "step-000000002").good
+    assert ckpt.read_json(tmp_path / "step-000000002" / "progress.json")["epoch"] == 2

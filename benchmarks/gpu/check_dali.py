@@ -1,166 +1,274 @@
-"""DALI on the GPU: `mixed` decoding of shards made from real JPEGs, labels that stay with their
-images, and ``decode_device: auto`` choosing `mixed` on a GPU.
+"""fatscale's DALI loaders on the GPU (decode_device auto: `mixed`, nvJPEG), on shards of JPEGs.
 
-    python benchmarks/gpu/check_dali.py --images DIR [--device cuda|cpu] [--num 64] [--img-size 224]
-        [--batch 16]
+    python -m benchmarks.gpu.check_dali --out DIR [--images DIR] [--device cuda|cpu] [--tiny]
 
-The first --num JPEGs of DIR, each made its own class (as tests/test_loader.py gives every class
-one image of its own colour, so that a label names its sample), go through make_shards (train and
-val splits, several shards). Results:
-  decode_auto     TrainLoader and ValLoader built with decode_device auto decode on `mixed` (GPU)
-  val_decode      ValLoader (auto = mixed) against ValLoader with decode_device cpu, the same
-                  shards: the same labels in the same order, the pixels within JPEG-decoder
-                  rounding of the CPU's (|difference| mean < 4 levels, 99th percentile < 40)
-  val_labels      each mixed-decoded val image is closest to the CPU-decoded image of its own label
-  device_without_index  a loader given device="cuda" (no index) still decodes on the GPU
-  train_labels    two epochs of TrainLoader (mixed; random-resized crops of the full area at any
-                  aspect ratio, so the whole image; no flip, RandAugment, erasing or Mixup): every
-                  crop is closest (16x16 thumbnails) to its own label's image decoded with Pillow;
-                  no sample twice in an epoch
+The JPEGs (--images, e.g. a few hundred of ImageNet's; default: synthetic ImageNet-sized ones)
+are sharded with each image its own class, so that a label names its image. Results:
+  dali_labels       every val image (mixed decode) and every train crop (the whole image, no other
+                    augmentation) is nearest, as a 16x16 thumbnail, to its own label's image decoded
+                    by Pillow: labels stay with their images
+  dali_restore      a train loader with a resolution schedule (160 px, then 224 px), saved mid-epoch
+                    before the size change and restored in a new loader, gives the uninterrupted
+                    loader's batches bitwise, across the change (RandAugment on)
+  dali_rebuild      seconds of the pipeline's rebuild at the size change (the first batch after it)
+  dali_memory       GPU memory held by one train and two val pipelines (224 and 256 px) after an
+                    epoch each, after nvidia.dali.backend.ReleaseUnusedMemory(), and once they are gone
+  dali_quarantine   planted corrupt JPEGs (one no decoder reads; one only Pillow reads) are
+                    quarantined by the train loader and its epoch completes
+  dali_loader_speed images/s of the 300-epoch recipe's train loader (RandAugment, random erasing,
+                    Mixup/CutMix, its 8 threads, batch 128, 224 px) over two epochs after a warm-up
+                    one; the summary sets it against FAT-B0's training images/s (goal: 2x)
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import tempfile
+import math
+import time
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, result  # noqa: E402
+from benchmarks.gpu import data
+from benchmarks.gpu.common import REPO, attempt, check_main
+from benchmarks.gpu.results import Results
 
-sys.path.insert(0, str(REPO))
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import fatscale  # noqa: E402,F401
-from fatscale.data.loader import AugConfig, DataConfig, TrainLoader, ValLoader  # noqa: E402
-from fatscale.data.manifest import load_manifest  # noqa: E402
-from fatscale.prep import make_shards  # noqa: E402
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
+if TYPE_CHECKING:
+    import torch
 
 THUMB = 16
 
 
-def make_tree(images: list[Path], root: Path) -> Path:
-    """train/ and val/ with class i holding image i only (symlinks)."""
-    for split in ("train", "val"):
-        for i, jpeg in enumerate(images):
-            folder = root / split / f"c{i:04d}"
-            folder.mkdir(parents=True)
-            (folder / jpeg.name).symlink_to(jpeg.resolve())
-    return root
+def sizes(tiny: bool) -> dict:
+    if tiny:
+        return dict(images=8, epoch_images=32, batch=4, small=32, size=48, val_sizes=(48, 64), threads=1, jpeg=(64, 48))
+    return dict(images=128, epoch_images=2560, batch=128, small=160, size=224, val_sizes=(224, 256), threads=8,
+                jpeg=data.IMAGENET_SIZE)
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """Normalised NCHW (any memory format) -> 0..255 float on the CPU."""
+    """Normalised NCHW (any memory format) -> 0..255 on the CPU."""
+    import torch
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, 3, 1, 1)
     return ((images.float() * std + mean) * 255).cpu()
 
 
 def thumbnails(pixels: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return torch.nn.functional.adaptive_avg_pool2d(pixels, THUMB).flatten(1)
 
 
-def pil_thumbnail(path: Path, ratio: tuple[float, float]) -> torch.Tensor:
-    """The whole image, or (beyond the crop's aspect-ratio range) its largest centred window
-    within the range: what a random-resized crop of the full area falls back to (with the
-    check's range of 0.1-10, always the whole image)."""
+def pil_thumbnail(path: Path) -> torch.Tensor:
+    import numpy as np
+    import torch
+    from PIL import Image
+
     with Image.open(path) as im:
-        w, h = im.size
-        aspect = min(max(w / h, ratio[0]), ratio[1])
-        cw, ch = (round(h * aspect), h) if w / h > aspect else (w, round(w / aspect))
-        left, top = (w - cw) // 2, (h - ch) // 2
-        small = im.convert("RGB").crop((left, top, left + cw, top + ch)).resize((THUMB, THUMB), Image.Resampling.BOX)
+        small = im.convert("RGB").resize((THUMB, THUMB), Image.Resampling.BOX)
     return torch.from_numpy(np.asarray(small, dtype=np.float32)).permute(2, 0, 1).flatten()
 
 
-def nearest(queries: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(queries, references).argmin(1)
+def check_labels(results: Results, manifest, cfg, jpegs: list[Path], device, s: dict) -> None:
+    import torch
+
+    from fatscale.config import AugConfig
+    from fatscale.data.loader import TrainLoader, ValLoader
+
+    references = torch.stack([pil_thumbnail(p) for p in jpegs])
+    val = ValLoader(manifest, cfg, batch_size=s["batch"], device=device)
+    whole = AugConfig(scale=(1.0, 1.0), ratio=(0.1, 10.0), hflip=0.0, rand_augment=None, color_jitter=0.0, reprob=0.0,
+                      mixup=0.0, cutmix=0.0, label_smoothing=0.0)  # crops of the whole image: what the label names
+    train = TrainLoader(manifest, cfg, whole, batch_size=s["batch"], device=device, seed=1)
+    matched = total = 0
+    for loader in (val, train):
+        for images, labels in loader:
+            picked = torch.cdist(thumbnails(to_pixels(images)), references).argmin(1)
+            matched += (picked == labels.cpu()).sum().item()
+            total += len(labels)
+    results("dali_labels", matched == total, f"{matched}/{total} val images and train crops ({train.decode} decode) "
+            f"nearest to their own label's image", matched=matched, total=total)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=Path, required=True, help="folder of JPEGs (one per class)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--num", type=int, default=64, help="images (= classes) to use")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=4)
-    args = parser.parse_args()
-    jpegs = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))[: args.num]
-    if len(jpegs) < 2 * args.batch:
-        raise SystemExit(f"check_dali: need at least {2 * args.batch} JPEGs in {args.images}, found {len(jpegs)}")
-    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
-    gpu = device.type == "cuda"
-    with tempfile.TemporaryDirectory(prefix="fatscale-dali-") as tmp:
-        tree = make_tree(jpegs, Path(tmp) / "tree")
-        shards = Path(tmp) / "shards"
-        make_shards(tree, shards, samples_per_shard=max(4, len(jpegs) // 5), progress=False, log=lambda *a: None)
-        manifest = load_manifest(shards)
-        cfg = DataConfig(shards=str(shards), img_size=args.img_size, num_threads=args.threads, shuffle_buffer=len(jpegs))
-        # the class folder c0007 holds jpegs[7]: label i names image i
-        labels_ok = [manifest.classes[i] == f"c{i:04d}" for i in range(len(jpegs))]
-        assert all(labels_ok), "class order is not the folder order"
+def check_restore(results: Results, manifest, cfg, device, s: dict) -> None:
+    """Save mid-epoch 0 (small size), restore in a new loader, compare through epoch 1 (full size)."""
+    import torch
 
-        val_auto = ValLoader(manifest, cfg, batch_size=args.batch, device=device)
-        aug = AugConfig(scale=(1.0, 1.0), ratio=(0.1, 10.0), hflip=0.0, rand_augment=None, color_jitter=0.0, reprob=0.0, mixup=0.0,
-                        cutmix=0.0, label_smoothing=0.0)
-        train = TrainLoader(manifest, cfg, aug, batch_size=args.batch, device=device, seed=1)
-        want = "mixed" if gpu else "cpu"
-        result("decode_auto", val_auto.decode == want and train.decode == want,
-               f"decode_device auto on {device}: train {train.decode}, val {val_auto.decode} (want {want})")
+    from fatscale.config import AugConfig, ResolutionConfig
+    from fatscale.data.loader import TrainLoader
 
-        val_cpu = ValLoader(manifest, DataConfig(**{**cfg.__dict__, "decode_device": "cpu"}), batch_size=args.batch,
-                            device=device)
-        got = [(to_pixels(x), y.cpu()) for x, y in val_auto]
-        ref = [(to_pixels(x), y.cpu()) for x, y in val_cpu]
-        got_x, got_y = torch.cat([x for x, _ in got]), torch.cat([y for _, y in got])
-        ref_x, ref_y = torch.cat([x for x, _ in ref]), torch.cat([y for _, y in ref])
-        same_labels = torch.equal(got_y, ref_y) and sorted(got_y.tolist()) == list(range(len(jpegs)))
-        diff = (got_x - ref_x).abs() if got_x.shape == ref_x.shape else torch.full((1,), float("inf"))
-        flat = diff.flatten()
-        mean_diff = flat.mean().item()
-        p99 = flat.kthvalue(max(1, int(0.99 * flat.numel()))).values.item()
-        p999 = flat.kthvalue(max(1, int(0.999 * flat.numel()))).values.item()
-        # nvJPEG and libjpeg-turbo round the inverse DCT and upsample chroma differently: a few
-        # levels in most pixels, more at sharp colour edges. A wrong channel order, a shifted or
-        # misplaced image gives tens of levels on average.
-        result("val_decode", same_labels and mean_diff < 4.0 and p99 < 40,
-               f"{len(got_y)} val images, {val_auto.decode} vs cpu decode: labels {'identical' if same_labels else 'DIFFER'}, "
-               f"|diff| mean {mean_diff:.2f} levels, 99th percentile {p99:.1f}, 99.9th {p999:.1f} (of 255)",
-               mean_diff=mean_diff, p99=p99, p999=p999)
-        picked = nearest(thumbnails(got_x), thumbnails(ref_x))
-        own = (ref_y[picked] == got_y).sum().item()
-        result("val_labels", own == len(got_y), f"{own}/{len(got_y)} {val_auto.decode}-decoded val images nearest to the cpu-decoded image of their own label")
+    ramp = replace(cfg, resolution=ResolutionConfig(start=s["small"], end=s["size"], ramp=(1, 1), step=s["size"] - s["small"]))
+    aug = AugConfig(reprob=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0)  # the loader's own draws only
 
-        # device="cuda" without an index, as README's example `device=device` allows: the
-        # pipeline's device_id comes from device.index (fatscale/data/loader.py), None here.
-        if gpu:
-            try:
-                images, _ = next(iter(ValLoader(manifest, cfg, batch_size=args.batch, device="cuda")))
-                result("device_without_index", images.is_cuda, f"ValLoader(device='cuda') gives {images.device} batches")
-            except Exception as e:  # noqa: BLE001  (the message is the figure)
-                result("device_without_index", False, f"ValLoader(device='cuda') fails: {str(e).strip().splitlines()[0][:300]}")
-        else:
-            result("device_without_index", "SKIP", "no GPU")
+    def loader():
+        return TrainLoader(manifest, ramp, aug, batch_size=s["batch"], device=device, seed=3)
 
-        references = torch.stack([pil_thumbnail(p, aug.ratio) for p in jpegs])
-        seen_ok, matched, total = True, 0, 0
-        for _ in range(2):
-            labels = []
-            for images, targets in train:
-                picked = nearest(thumbnails(to_pixels(images)), references)
-                matched += (picked == targets.cpu()).sum().item()
-                total += len(targets)
-                labels += targets.tolist()
-            seen_ok &= len(labels) == len(set(labels)) == len(train) * args.batch
-        result("train_labels", seen_ok and matched == total,
-               f"{matched}/{total} train crops ({train.decode} decode, 2 epochs) nearest to the Pillow thumbnail of their own label; "
-               f"no sample twice in an epoch: {seen_ok}")
+    first = loader()
+    half = len(first) // 2
+    it = iter(first)
+    for _ in range(half):
+        next(it)
+    state = first.state_dict()
+    reference = [(x.clone(), y.clone()) for x, y in it]
+    # Epoch 1: its first batch waits for the pipeline's rebuild at the new size, the others flow.
+    times, start = [], time.perf_counter()
+    for x, y in first:
+        reference.append((x.clone(), y.clone()))
+        times.append(time.perf_counter() - start)
+    resumed = loader()
+    resumed.load_state_dict(state)
+    again = [(x.clone(), y.clone()) for _ in range(2) for x, y in resumed]  # the rest of epoch 0, then epoch 1
+    same = len(again) == len(reference) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                                for a, b in zip(again, reference))
+    sizes_seen = sorted({x.shape[-1] for x, _ in reference})
+    results("dali_restore", same and sizes_seen == [s["small"], s["size"]],
+            f"restored at batch {half} of epoch 0 ({s['small']} px): {len(again)} batches through epoch 1 "
+            f"({s['size']} px) {'bitwise equal' if same else 'DIFFER'}; sizes {sizes_seen}")
+    flowing = (times[-1] - times[0]) / max(len(times) - 1, 1)
+    results("dali_rebuild", "PASS", f"first batch after the size change {times[0]:.2f} s (the rebuild), then "
+            f"{flowing:.3f} s a batch", rebuild_s=times[0] - flowing, batch_s=flowing)
+
+
+def used_mib(device) -> tuple[float, float]:
+    """(device memory in use, torch's reserved part) in MiB."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / 2**20, torch.cuda.memory_reserved(device) / 2**20
+
+
+def check_memory(results: Results, manifest, cfg, device, s: dict) -> None:
+    import torch
+
+    from fatscale.config import AugConfig
+    from fatscale.data.loader import TrainLoader, ValLoader
+
+    if device.type != "cuda":
+        results("dali_memory", "SKIP", "GPU memory: no GPU")
+        return
+    from nvidia.dali.backend import ReleaseUnusedMemory
+
+    torch.cuda.synchronize()
+    base, _ = used_mib(device)
+    loaders = [TrainLoader(manifest, cfg, AugConfig(), batch_size=s["batch"], device=device, seed=2)]
+    loaders += [ValLoader(manifest, cfg, batch_size=s["batch"], device=device, img_size=size) for size in s["val_sizes"]]
+    for loader in loaders:
+        for _ in loader:
+            pass
+    torch.cuda.synchronize()
+    held, torch_held = used_mib(device)
+    ReleaseUnusedMemory()
+    released, _ = used_mib(device)
+    del loaders
+    ReleaseUnusedMemory()
+    gone, torch_gone = used_mib(device)
+    results("dali_memory", "PASS", f"1 train + 2 val pipelines: {held - base:.0f} MiB over the start "
+            f"({torch_held:.0f} MiB of it torch's cache); after ReleaseUnusedMemory() {released - base:.0f} MiB; "
+            f"pipelines gone and released {gone - base:.0f} MiB", held_mib=held - base, released_mib=released - base,
+            gone_mib=gone - base, torch_mib=torch_held)
+
+
+def plant_corrupt(shards: Path) -> dict[str, str]:
+    """Damage two train JPEGs inside their tar, in place (make_shards would mend or skip them before):
+    ``garbage``, random bytes after the JFIF header (no decoder reads it), and ``junk``, the JFIF
+    segment declared 3 bytes short (Pillow reads it, DALI's decoder does not). Returns key -> how."""
+    import numpy as np
+
+    from fatscale.data.shard_format import Index
+
+    index = sorted(shards.glob("train-*.idx"))[0]
+    members = [m for sample in Index.parse(index.read_text()).samples for m in sample if m.ext == "jpg"]
+    planted = {}
+    with open(index.with_suffix(".tar"), "r+b") as tar:
+        for member, how in zip(members, ("garbage", "junk")):
+            tar.seek(member.offset)
+            raw = bytearray(tar.read(member.size))
+            if raw[2:6] != b"\xff\xe0\x00\x10":
+                continue  # not JFIF: nothing planted there
+            if how == "garbage":
+                raw[20:] = np.random.default_rng(0).integers(0, 256, len(raw) - 20, dtype=np.uint8).tobytes()
+            else:
+                raw[4:6] = (13).to_bytes(2, "big")
+            tar.seek(member.offset)
+            tar.write(raw)
+            planted[member.key] = how
+    return planted
+
+
+def check_quarantine(results: Results, cfg, work: Path, device, s: dict) -> None:
+    import shutil
+
+    from fatscale.config import AugConfig
+    from fatscale.data.loader import TrainLoader
+    from fatscale.data.manifest import load_manifest
+
+    folder = work / "quarantine"
+    shutil.rmtree(folder, ignore_errors=True)  # planted in place: sharded afresh each time
+    shards = data.shards_of(data.jpegs(data.write_jpegs(work / "clean", 2 * s["batch"], size=s["jpeg"], seed=7)), folder)
+    planted = plant_corrupt(shards)
+    loader = TrainLoader(load_manifest(shards), replace(cfg, shards=str(shards)), AugConfig(mixup=0.0, cutmix=0.0),
+                         batch_size=s["batch"], device=device, seed=4)
+    batches = sum(1 for _ in loader)
+    found = {q.key: q.reason for q in loader.quarantine}
+    caught = {how: key in found for key, how in planted.items()}
+    results("dali_quarantine", caught.get("garbage", False) and batches == len(loader),
+            f"{batches}/{len(loader)} batches ({loader.decode} decode); planted "
+            + ", ".join(f"{how}: {'quarantined' if ok else 'decoded'}" for how, ok in caught.items())
+            + "; reasons: " + ("; ".join(v[:100] for v in found.values()) or "none"), planted=caught)
+
+
+def check_speed(results: Results, shards: Path, device, s: dict, tiny: bool) -> None:
+    import torch
+
+    from fatscale.config import load_recipe
+    from fatscale.data.loader import TrainLoader
+    from fatscale.data.manifest import load_manifest
+
+    recipe = load_recipe(REPO / "recipes" / "fat_b0_300ep.yaml", [f"data.shards={shards}", f"data.img_size={s['size']}"]
+                         + (["data.num_threads=1"] if tiny else []))
+    manifest = load_manifest(shards)
+    loader = TrainLoader(manifest, recipe.data, recipe.aug, batch_size=s["batch"], num_classes=1000, device=device, seed=5)
+    for _ in loader:  # the pipeline's start and the first epoch's
+        pass
+    start = time.perf_counter()
+    count = 0
+    for _ in range(2):
+        for images, _ in loader:
+            count += images.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = count / (time.perf_counter() - start)
+    results("dali_loader_speed", "PASS", f"{rate:.0f} img/s: the 300-epoch recipe's train loader ({loader.decode} decode, "
+            f"{recipe.data.num_threads} threads, batch {s['batch']}, {s['size']} px, {count} images)", images_per_s=rate)
+
+
+def run(args: argparse.Namespace, results: Results) -> None:
+    import torch
+
+    from fatscale.config import DataConfig
+    from fatscale.data.manifest import load_manifest
+
+    s = sizes(args.tiny)
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    jpegs = data.source_jpegs(args, s["images"], s["jpeg"])
+    replicas = math.ceil(s["epoch_images"] / len(jpegs))
+    shards = data.shards_of(jpegs, args.work, replicas=replicas)
+    manifest = load_manifest(shards)
+    cfg = DataConfig(shards=str(shards), img_size=s["size"], num_threads=s["threads"], shuffle_buffer=512)
+    with attempt(results, "dali_labels"):
+        check_labels(results, manifest, cfg, jpegs, device, s)
+    with attempt(results, "dali_restore"):
+        check_restore(results, manifest, cfg, device, s)
+    with attempt(results, "dali_memory"):
+        check_memory(results, manifest, cfg, device, s)
+    with attempt(results, "dali_quarantine"):
+        check_quarantine(results, cfg, args.work, device, s)
+    with attempt(results, "dali_loader_speed"):
+        check_speed(results, shards, device, s, args.tiny)
 
 
 if __name__ == "__main__":
-    main()
+    check_main("dali", __doc__, run)

@@ -1,52 +1,93 @@
-"""What the GPU check scripts share: result lines, the results file, a placeholder for DALI.
-
-Every check prints one line per result, ``GPUCHECK <name> PASS|FAIL|SKIP <figure>``, and appends
-it as JSON to $FATSCALE_GPU_RESULTS (default /tmp/fatscale/results.jsonl), where run.sh and
-summarize.py read it. Each script takes ``--device cpu`` and small sizes so that the tests run it
-here, end to end, in seconds.
-"""
+"""What the check scripts share: their command line, the result writer, a failure recorded as a
+result, and the environment torchrun would give a world of one."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
+import argparse
+import contextlib
 import os
 import socket
 import sys
-import time
-import types
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.gpu.results import Results
+
 REPO = Path(__file__).resolve().parents[2]
-RESULTS = Path(os.environ.get("FATSCALE_GPU_RESULTS", "/tmp/fatscale/results.jsonl"))
+MODELS = ("fat_b0", "fat_b1", "fat_b2", "fat_b3")
+DEFAULT_MODELS = ("fat_b0", "fat_b3")
 
 
-def result(name: str, status: str | bool, figure: str = "", **data) -> bool:
-    """Print and record one result; status True/False means PASS/FAIL. Returns whether it passed."""
-    if isinstance(status, bool):
-        status = "PASS" if status else "FAIL"
-    line = f"GPUCHECK {name} {status} {figure}".rstrip()
-    print(line, flush=True)
+def check_main(name: str, doc: str, body: Callable[[argparse.Namespace, Results], None]) -> None:
+    """Parse the check's command line and run ``body(args, results)``; an exception becomes a FAIL
+    result named ``<check>_error`` (and exit status 1), so that the summary shows it."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.gpu.check_{name}", description=doc.split("\n\n")[0],
+                                     epilog="\n\n".join(doc.split("\n\n")[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="results go to OUT/results.jsonl, work files to OUT/work")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes: the dry run on a CPU")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS))
+    parser.add_argument("--images", type=Path, help="a folder of JPEGs (default: synthetic ImageNet-sized ones)")
+    parser.add_argument("--limit-s", type=float, default=600, help="the suite's time limit of this check: parts that "
+                        "run other programs end before it (default 600)")
+    args = parser.parse_args()
+    if args.images is not None and not args.images.is_dir():
+        parser.error(f"--images {args.images}: no such folder")
+    args.work = args.out / "work" / name
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = Results(args.out, name)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            results(f"{name}_error", False, f"--device cuda, but torch {torch.__version__} (built for CUDA "
+                    f"{torch.version.cuda}) sees no GPU")
+            sys.exit(1)
+    with attempt(results, f"{name}_error") as outcome:
+        body(args, results)
+    sys.exit(0 if outcome.ok else 1)
+
+
+@contextlib.contextmanager
+def attempt(results: Results, name: str):
+    """Run a part of a check: an exception becomes a FAIL result ``name`` (its first line; the
+    traceback goes to the log) and the check goes on with its next part."""
+    outcome = argparse.Namespace(ok=True)
     try:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS, "a") as f:
-            f.write(json.dumps(dict(name=name, status=status, figure=figure, time=time.time(), **data)) + "\n")
-    except OSError as e:  # a read-only place must not hide the printed line
-        print(f"common: could not record the result in {RESULTS}: {e}", file=sys.stderr)
-    return status != "FAIL"
+        yield outcome
+    except Exception as e:  # noqa: BLE001  (any failure is a result)
+        traceback.print_exc()
+        outcome.ok = False
+        results(name, False, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}")
 
 
-def read_results(path: Path = RESULTS) -> dict[str, dict]:
-    """The latest record of each result name."""
-    latest: dict[str, dict] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            latest[record["name"]] = record
-    return latest
+def run_program(command: list[str], log: Path, timeout: float) -> tuple[int | str, str]:
+    """Run another program from the checkout's root, its output going to ``log`` as it comes (kept
+    if this check is stopped), its last 40 lines printed; stopped after ``timeout`` s. Returns
+    (exit code or "timeout", output)."""
+    import subprocess
+
+    with open(log, "w") as out:
+        try:
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    text = log.read_text()
+    print("\n".join(text.splitlines()[-40:]), flush=True)
+    return code, text
+
+
+def run_benchmark(args: argparse.Namespace, results: Results, script: str, options: list[str]) -> str:
+    """benchmarks/<script> on the check's device, ending before the check's limit; its output (also
+    in the check's work folder) returned; a failed run is a FAIL result ``<check>_run``."""
+    log = args.work / f"{Path(script).stem}.log"
+    command = [sys.executable, str(REPO / "benchmarks" / script), "--device", args.device, *options]
+    code, text = run_program(command, log, timeout=max(args.limit_s - 5, 5))
+    if code != 0:
+        results(f"{results.check}_run", False, f"benchmarks/{script}: exit {code}; log {log}")
+    return text
 
 
 def free_port() -> int:
@@ -56,81 +97,12 @@ def free_port() -> int:
 
 
 def single_rank_env(device: str) -> None:
-    """The environment torchrun would give a world of one (fatscale.train.distributed.init_distributed reads it)."""
+    """The environment torchrun gives a world of one (fatscale.train.distributed.init_distributed reads it)."""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-class _Anything:
-    """Stands for any DALI object: attributes and calls give itself; as a bare decorator it
-    returns the function unchanged. Nothing real runs."""
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return self
-
-    def __call__(self, *args, **kwargs):
-        if len(args) == 1 and not kwargs and callable(args[0]) and not isinstance(args[0], _Anything):
-            return args[0]
-        return self
-
-
-ANYTHING = _Anything()
-
-
-class _Placeholder(types.ModuleType):
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return ANYTHING
-
-
-def dali_placeholder() -> bool:
-    """Before importing fatscale's trainer without DALI (the first device call, before the DALI
-    parts arrive): fatscale.config and fatscale.train import fatscale.data.loader, which imports
-    DALI at module level. Installs placeholder ``nvidia.dali`` modules when DALI is missing, so that
-    the trainer's model, optimizer, DeepSpeed and checkpoint code can run; anything that would build
-    a DALI pipeline must not be called. Returns True when the placeholder was installed."""
-    try:
-        if importlib.util.find_spec("nvidia.dali") is not None:
-            return False
-    except (ImportError, ValueError):
-        pass
-    names = ["nvidia", "nvidia.dali", "nvidia.dali.fn", "nvidia.dali.types", "nvidia.dali.math",
-             "nvidia.dali.plugin", "nvidia.dali.plugin.pytorch", "nvidia.dali.auto_aug",
-             "nvidia.dali.auto_aug.augmentations", "nvidia.dali.auto_aug.core", "nvidia.dali.data_node"]
-    try:  # the real nvidia namespace (torch's CUDA libraries live there on the device) stays
-        importlib.import_module("nvidia")
-    except ImportError:
-        sys.modules["nvidia"] = types.ModuleType("nvidia")
-        sys.modules["nvidia"].__path__ = []
-    for name in names[1:]:
-        module = _Placeholder(name)
-        module.__path__ = []  # a package, so submodules resolve to the entries above
-        module.__dict__["__fatscale_placeholder__"] = True
-        sys.modules[name] = module
-    for name in names[1:]:
-        parent, _, child = name.rpartition(".")
-        setattr(sys.modules[parent], child, sys.modules[name])
-    return True
-
-
-def run_launcher(command: list[str], work: Path, timeout: float, log_name: str, tail: int) -> tuple[object, str, float]:
-    """Run a launcher command from ``work`` with this checkout importable: (exit code or "timeout",
-    its output, seconds). The output is also kept in ``work/log_name`` and its tail printed."""
-    import subprocess
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])))
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, env=env, cwd=work, capture_output=True, text=True, timeout=timeout)
-        code, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as e:
-        code, output = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-    seconds = time.perf_counter() - start
-    (work / log_name).write_text(output)
-    print(output[-tail:], flush=True)
-    return code, output, seconds
+def gib(n_bytes: float) -> float:
+    return n_bytes / 2**30

@@ -10,6 +10,10 @@ exactly where it stopped:
 - on rank 0: the EMA weights (safetensors) and ``progress.json``: the TrainState, the recipe's
   resume identity (fatscale.resume) and the resolved recipe text.
 
+Each rank hashes every file it writes right after writing it (DeepSpeed's in ``SafeCheckpointEngine``);
+rank 0 gathers the digests and seals the checkpoint with them (fatscale.checkpoint), which is what
+resume verifies before loading anything (fatscale.resume).
+
 It is saved every ``checkpoint.every_steps`` steps and/or ``every_minutes`` minutes (rank 0's
 clock), at every epoch end, at the end and when the run is stopped; the newest ``keep_last`` are
 kept, plus the best raw top-1 (``keep_best``).
@@ -38,7 +42,16 @@ DEEPSPEED_STATE_CLASSES = [ZeroStageEnum, fragment_address, LossScaler, DynamicL
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch engine, loading with ``weights_only=True`` (no code from the file runs)."""
+    """DeepSpeed's torch engine, hashing every file it saves (``written``: path -> the seal's entry)
+    and loading with ``weights_only=True`` (no code from the file runs)."""
+
+    def __init__(self, config_params=None):
+        super().__init__(config_params)
+        self.written: dict[str, dict] = {}
+
+    def save(self, state_dict, path: str):
+        super().save(state_dict, path)
+        self.written[path] = ckpt.file_record(Path(path))
 
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(DEEPSPEED_STATE_CLASSES):
@@ -51,12 +64,14 @@ class Checkpointer:
         self.config = config
         self.dir = checkpoint_dir
         self.engine = engine
-        engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+        self.checkpoint_engine = SafeCheckpointEngine(engine._config)
+        engine.checkpoint_engine = self.checkpoint_engine
         self.ema = ema  # the averaged module (ModelEmaV3.module)
         self.grad_scaler = grad_scaler
         self.rank = rank
         self.identity: dict = {}  # the recipe's resume identity and text, stored with every save
         self.last_save = time.monotonic()
+        self.last_tag: str | None = None  # saved or resumed from by this run
 
     def due_by_steps(self, step: int) -> bool:
         """Every ``every_steps`` steps: every rank knows it."""
@@ -68,22 +83,35 @@ class Checkpointer:
         return self.rank == 0 and minutes is not None and now - self.last_save > 60 * minutes
 
     def save(self, state: TrainState, loader: TrainLoader, is_best: bool = False) -> Path:
-        """Every rank: its part, then (rank 0) the seal. Returns the checkpoint's directory."""
+        """Every rank: its part, into the save's own directory, each file hashed once written;
+        then rank 0 seals it with every rank's digests and moves it to its tag. Returns the
+        checkpoint's directory."""
         tag = ckpt.tag_for(state.global_step)
-        self.engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
+        saving = self.dir / ckpt.saving_dir(tag)
+        if self.rank == 0:
+            ckpt.clear_saving_dir(self.dir, tag)
+        dist.barrier()  # no rank writes into it before it is cleared
+        self.checkpoint_engine.written.clear()
+        self.engine.save_checkpoint(str(self.dir), tag=saving.name, save_latest=False)
+        files = {str(Path(path).relative_to(saving)): entry
+                 for path, entry in self.checkpoint_engine.written.items()}
         rank_state = dict(loader=loader.state_dict(), rng=rng_state_dict(),
                           grad_scaler=self.grad_scaler.state_dict() if self.grad_scaler is not None else None)
-        ckpt.write_json_atomic(self.dir / tag / f"rank-{self.rank}.json", rank_state)
+        files[f"rank-{self.rank}.json"] = ckpt.write_json_atomic(saving / f"rank-{self.rank}.json", rank_state)
         if self.rank == 0:
-            ckpt.write_json_atomic(self.dir / tag / "progress.json", {**state.state_dict(), **self.identity})
+            files["progress.json"] = ckpt.write_json_atomic(saving / "progress.json",
+                                                            {**state.state_dict(), **self.identity})
             if self.ema is not None:
-                ckpt.save_safetensors_atomic(self.ema.state_dict(), self.dir / tag / "ema.safetensors")
-        dist.barrier()  # every rank's part is on disk
+                files["ema.safetensors"] = ckpt.save_safetensors_atomic(self.ema.state_dict(),
+                                                                        saving / "ema.safetensors")
+        every_rank = [None] * dist.get_world_size() if self.rank == 0 else None
+        dist.gather_object(files, every_rank, dst=0)  # once rank 0 has them, every rank's part is on disk
         if self.rank == 0:
-            ckpt.mark_complete(self.dir, tag, is_best and self.config.keep_best)
+            ckpt.mark_complete(self.dir, tag, {k: v for part in every_rank for k, v in part.items()},
+                               is_best and self.config.keep_best)
             ckpt.prune(self.dir, self.config.keep_last)
         dist.barrier()
-        self.last_save = time.monotonic()
+        self.last_save, self.last_tag = time.monotonic(), tag
         return self.dir / tag
 
     def load(self, tag: str, state: TrainState, loader: TrainLoader) -> None:
@@ -98,8 +126,8 @@ class Checkpointer:
         if self.ema is not None:
             self.ema.load_state_dict(ckpt.load_ema(self.dir, tag))
         loader.load_state_dict(rank_state["loader"])
-        self.last_save = time.monotonic()
+        self.last_save, self.last_tag = time.monotonic(), tag
 
     def latest(self) -> Path | None:
-        tag = ckpt.latest_tag(self.dir)
-        return self.dir / tag if tag else None
+        """The checkpoint this run last saved or resumed from (a newer one on disk may be damaged)."""
+        return self.dir / self.last_tag if self.last_tag else None

@@ -80,7 +80,7 @@ class Trainer:
         torch.distributed.barrier()
         manifest = load_manifest(recipe.data.shards)
         num_classes = recipe.model.num_classes or manifest.num_classes
-        resumed = resume.check_output_dir(recipe, manifest, self.world)  # before any state is built
+        resumed = resume.check_output_dir_on_rank_0(recipe, manifest, self.world, self.rank)  # before any state is built
 
         seed_everything(recipe.seed)  # identical initial weights on every rank
         model = components.build_model(recipe, num_classes, self.world, self.device).to(self.device)

@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.gpu.suite import main
+
+sys.exit(main())
