@@ -93,7 +93,7 @@ def baseline(shards: Path, args: argparse.Namespace, warp_resample: int | None =
 
 
 def dali(shards: Path, args: argparse.Namespace):
-    cfg = DataConfig(shards=str(shards), img_size=args.img_size, num_threads=args.workers, shuffle_buffer=1000)
+    cfg = DataConfig(shards=str(shards), img_size=args.img_size, num_threads=args.workers)
     aug = AugConfig(rand_augment=RAND_AUGMENT, reprob=0.25, mixup=0.0, cutmix=0.0)
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     loader = TrainLoader(load_manifest(shards), cfg, aug, batch_size=args.batch, device=device)

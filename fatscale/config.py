@@ -98,11 +98,6 @@ def slurm_minutes(limit: str) -> int | None:
     return -(-seconds // 60) or None  # 0 means "no limit" to Slurm: a recipe names one
 
 
-def train_steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
-    """Batches per rank and epoch, the same on every rank (fatscale.data.loader's docstring, "Epochs")."""
-    return (num_samples // world_size) // batch_size
-
-
 def _model_name(name: str) -> str | None:
     if name in VARIANTS:
         return None
@@ -200,7 +195,8 @@ class DataConfig(_Section):
     crop_pct: float = setting(0.875, must(lambda v: 0 < v <= 1, "in (0, 1]"))
     num_threads: int = setting(4, at_least(1))
     decode_device: str = setting("auto", must(lambda v: v in DECODE_DEVICES, "auto, mixed or cpu"))
-    shuffle_buffer: int = setting(4096, at_least(1))
+    # Python processes per rank that read train samples from the shards for DALI (fatscale.data.shard_samples)
+    reader_workers: int = setting(1, at_least(1))
     prefetch: int = setting(2, at_least(1))
     channels_last: bool = True
 
@@ -244,6 +240,10 @@ class TrainConfig(_Section):
     batch_per_device: int = setting(128, at_least(1))
     val_batch_per_device: int = setting(256, at_least(1))
     grad_accum: int = setting(1, at_least(1))
+    # Samples per optimizer step, the same on any number of ranks (a Slurm node range sets it).
+    # None: batch_per_device x grad_accum x the ranks of the first start. Set, each rank's
+    # micro-batch (at most batch_per_device) and the accumulation follow from the number of ranks.
+    global_batch: int | None = setting(None, at_least(1))
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     zero_stage: Literal[0, 1, 2] = 0
     grad_clip: float = setting(5.0, NON_NEGATIVE)  # 0: off
@@ -252,11 +252,15 @@ class TrainConfig(_Section):
     eval_every: int = setting(1, at_least(1))  # epochs
     deterministic: bool = False  # torch deterministic algorithms (bitwise-reproducible on CPU)
     max_steps: int | None = setting(None, at_least(1))  # stop after this many optimizer steps (smoke runs, tests)
+    sample_log: bool = False  # each rank lists the samples of its steps in OUTPUT_DIR/samples/ (fatscale.data.ledger)
     # A rank that makes no progress this long ends the job, named (fatscale/train/watchdog.py);
     # long enough for a first torch.compile. None: off.
     stall_timeout_s: float | None = setting(900.0, at_least(10))
 
     def _check_together(self) -> None:
+        if self.global_batch is not None and self.grad_accum != 1:
+            raise RecipeError(f"grad_accum: {self.grad_accum} with train.global_batch {self.global_batch}: set one of "
+                              "them (with a global batch, the accumulation follows from the number of ranks)")
         if self.precision == "fp16" and self.zero_stage > 0 and self.grad_clip > 0:
             # DeepSpeed's ZeRO optimizers clip the GradScaler-scaled gradients (their own loss scale
             # is 1 with fp32 parameters), so every update would shrink by the scale (65536).
@@ -303,9 +307,19 @@ class TrackingConfig(_Section):
     system_metrics: bool = True
 
 
+def _node_range(nodes: int | str) -> tuple[int, int] | None:
+    """``slurm.nodes`` as (fewest, most) nodes: N, or Slurm's range MIN-MAX; None when it is neither."""
+    if isinstance(nodes, int):
+        return (nodes, nodes) if nodes >= 1 else None
+    match = re.fullmatch(r"(\d+)-(\d+)", nodes.strip())
+    fewest, most = (int(match[1]), int(match[2])) if match else (0, 0)
+    return (fewest, most) if 1 <= fewest <= most else None
+
+
 @dataclass(frozen=True)
 class SlurmConfig(_Section):
-    nodes: int = setting(1, at_least(1))
+    # N, or MIN-MAX: Slurm starts the job on as many as it has (each start and requeue may differ)
+    nodes: int | str = setting(1, must(lambda v: _node_range(v) is not None, "a node count or a range MIN-MAX (e.g. 2-4)"))
     gpus_per_node: int = setting(8, NON_NEGATIVE)
     tasks_per_node: int | None = setting(None, at_least(1))  # None: gpus_per_node (one task per GPU); CPU nodes: set it
     partition: str | None = None
@@ -325,6 +339,12 @@ class SlurmConfig(_Section):
     def _check_together(self) -> None:
         if self.gpus_per_node == 0 and self.tasks_per_node is None:
             raise RecipeError("tasks_per_node: required when slurm.gpus_per_node is 0 (CPU nodes: ranks per node)")
+
+    @property
+    def node_counts(self) -> range:
+        """Every number of nodes the job may start on."""
+        fewest, most = _node_range(self.nodes)
+        return range(fewest, most + 1)
 
 
 @dataclass(frozen=True)
@@ -352,6 +372,9 @@ class Recipe(_Section):
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+_EXPONENT_NUMBER = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -397,6 +420,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise RecipeError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
+            return float(value)  # YAML 1.1 (PyYAML) reads 5e-4, without a dot, as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -504,13 +529,23 @@ def check_data(recipe: Recipe, source: str) -> None:
 def check_world(recipe: Recipe, manifest: Manifest, world_size: int, source: str) -> None:
     """The recipe trains at least one step per epoch on ``world_size`` ranks (for launchers, which
     know the world size; the trainer checks it again)."""
+    from fatscale.data.sample_order import BatchLayout, LayoutError
+
     t = recipe.train
     train_samples = manifest.splits["train"].num_samples
-    if train_steps_per_epoch(train_samples, world_size, t.batch_per_device) // t.grad_accum == 0:
-        raise RecipeError(
-            f"{source}: train.batch_per_device: {t.batch_per_device} x train.grad_accum {t.grad_accum} on each of "
-            f"{world_size} ranks needs at least {t.batch_per_device * t.grad_accum * world_size} train samples per "
-            f"epoch, data.shards has {train_samples} ({train_samples // world_size} per rank): zero steps per epoch")
+    if t.global_batch is None:
+        global_batch = t.batch_per_device * t.grad_accum * world_size
+        what = (f"train.batch_per_device: {t.batch_per_device} x train.grad_accum {t.grad_accum} on each of "
+                f"{world_size} ranks is a global batch of {global_batch}")
+    else:
+        global_batch, what = t.global_batch, f"train.global_batch: {t.global_batch}"
+        try:
+            BatchLayout.for_world(global_batch, world_size, t.batch_per_device)
+        except LayoutError as e:
+            raise RecipeError(f"{source}: train.global_batch: {e}") from None
+    if train_samples < global_batch:
+        raise RecipeError(f"{source}: {what} train samples per step, data.shards has {train_samples}: zero steps "
+                          "per epoch")
 
 
 def to_dict(recipe: Recipe) -> dict:

@@ -13,6 +13,11 @@ below (a new ``TrainJob`` with the requeue count + 1), requeues the job with ``s
 and exits. The requeued job resumes from that checkpoint and continues the same MLflow run.
 Requeues are bounded by ``slurm.max_requeues`` (preemptions and time limits alike).
 
+A sweep (fatscale.sweep) is one job array of TrainJobs, one per point; each array element requeues
+and resumes on its own as above (submitit's ``JobEnvironment.job_id`` is ``ARRAY_TASK``, which
+``scontrol requeue`` and the failure tickets below use). A point's rank 0 records its result and
+updates the sweep's MLflow parent run when it finished.
+
 Stalls and crashes: a rank that stops making progress (fatscale.train.watchdog), or an exception
 that is not the recipe's fault, requeues the job too (``scontrol requeue``, by the first rank that
 gets there), up to ``slurm.max_failures`` times per job, counted apart from preemptions in
@@ -36,10 +41,11 @@ log = logging.getLogger(__name__)
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    def __init__(self, recipe_text: str, source: str, requeues: int = 0):
+    def __init__(self, recipe_text: str, source: str, requeues: int = 0, sweep_dir: str | None = None):
         self.recipe_text = recipe_text  # resolved at submission: editing the file later changes nothing
         self.source = source
         self.requeues = requeues
+        self.sweep_dir = sweep_dir  # a sweep's point (fatscale.sweep): its MLflow run is the sweep's child
 
     def __call__(self) -> dict:
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
@@ -63,9 +69,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.max_failures = recipe.slurm.max_failures
         setup_logging(dist_env.rank)
         node = os.environ.get("SLURMD_NODENAME", "")
-        log.info("job %s, requeue %d: rank %d of %d on node %s (%d CPUs), master %s:%s", os.environ.get("SLURM_JOB_ID"),
+        log.info("job %s, requeue %d: rank %d of %d on node %s (%d CPUs), master %s:%s", submitit.JobEnvironment().job_id,
                  self.requeues, dist_env.rank, dist_env.world_size, node, cpus, dist_env.master_addr,
                  dist_env.master_port)
+        if self.sweep_dir is not None:
+            join_sweep(self.sweep_dir)
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint() + scontrol requeue + exit
         stop = threading.Event()
         signal.signal(signal.SIGUSR2, lambda *_: stop.set())
@@ -80,6 +88,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         except Exception as e:
             self.requeue_after_failure(f"rank {dist_env.rank}: {type(e).__name__}: {e}")
             raise
+        if self.sweep_dir is not None and dist_env.rank == 0:
+            from fatscale.sweep import point_finished
+
+            point_finished(self.sweep_dir, recipe.output_dir, summary)
         return dict(summary=summary, rank=dist_env.rank, world_size=dist_env.world_size, node=node,
                     requeues=self.requeues, cpus=cpus)
 
@@ -110,4 +122,16 @@ class TrainJob(submitit.helpers.Checkpointable):
             log.error("not requeued: slurm.max_requeues (%d) reached; resubmit to continue from the checkpoint",
                       self.max_requeues)
             return None
-        return submitit.helpers.DelayedSubmission(TrainJob(self.recipe_text, self.source, self.requeues + 1))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.recipe_text, self.source, self.requeues + 1,
+                                                           self.sweep_dir))
+
+
+def join_sweep(sweep_dir: str) -> None:
+    """A point's new MLflow run becomes a child of the sweep's parent run, when there is one yet
+    (else the first summary update tags it)."""
+    from fatscale.sweep import parent_run_id
+    from fatscale.tracking import PARENT_RUN_ENV
+
+    parent = parent_run_id(sweep_dir)
+    if parent is not None:
+        os.environ[PARENT_RUN_ENV] = parent

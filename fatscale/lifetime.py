@@ -26,3 +26,17 @@ def end_with_parent(sig: int = signal.SIGTERM) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # the parent died before the request took effect
         os.kill(os.getpid(), sig)
+
+
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (DALI's reader processes register their shared
+    memory with it) with SIGUSR2 blocked, a mask it keeps: it ignores INT and TERM itself, but the
+    USR2 Slurm sends every process of a job before its time limit would kill it (then Python
+    warns, relaunches it and may leak shared memory). No-op when it already runs."""
+    from multiprocessing import resource_tracker
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

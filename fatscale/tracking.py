@@ -47,6 +47,10 @@ status aside) and
 ``fatscale.spilled_at_step`` come with a spill's delivery; ``fatscale.rejected_records`` (records
 MLflow refused for good) is set just before the terminal status.
 
+A sweep (fatscale.sweep) has one parent run (``create_parent_run``, kept up to date by
+``update_parent_run``); a point's job sets ``FATSCALE_MLFLOW_PARENT_RUN_ID``, and the run a Tracker
+creates then carries MLflow's ``mlflow.parentRunId`` tag: the UI nests it under the parent.
+
 mlflow is imported where first needed, so that ``python -m fatscale.tracking --help`` answers
 without it.
 """
@@ -101,6 +105,10 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
                    "mlflow.experiment.primaryMetric.name": "top1",
                    "mlflow.experiment.primaryMetric.greaterIsBetter": "True"}
 DIGEST_CHARS = 12  # of a split's digest (Manifest.split_digest) as the dataset's MLflow digest; the profile has all
+# A sweep's point (fatscale.sweep): the job sets this, and the run it creates is a child of that
+# run in MLflow's UI (MLflow's own nesting tag).
+PARENT_RUN_ENV = "FATSCALE_MLFLOW_PARENT_RUN_ID"
+PARENT_RUN_TAG = "mlflow.parentRunId"
 
 
 def tracking_uri(configured: str | None, output_dir: str) -> str:
@@ -693,6 +701,41 @@ class NodeMonitor:
         stopping.join(timeout)
 
 
+# ---------------------------------------------------------------- a sweep's parent run
+
+
+def create_parent_run(uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> str:
+    """A sweep's parent run in ``experiment``, with its grid as ``params``; its id. Raises what
+    MLflow raises (the caller decides whether that matters)."""
+    from mlflow.entities import Param, RunTag
+
+    client, database = _connect(uri)
+    run_id = _create_run(client, experiment, run_name, database)
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    return run_id
+
+
+def update_parent_run(uri: str, parent_id: str, child_ids: list[str], summary: Path, top1: float | None,
+                      tags: dict[str, str], finished: bool) -> None:
+    """A sweep's parent run brought up to date: ``child_ids`` tagged as its children (a point whose
+    run was created while the parent was not, MLflow being away), ``summary`` as its artifact, the
+    best point's ``top1`` and ``tags``; FINISHED when ``finished``. Raises what MLflow raises."""
+    from mlflow.entities import Metric, RunTag
+
+    client, _ = _connect(uri)
+    run = client.get_run(parent_id)
+    nested = {r.info.run_id for r in client.search_runs([run.info.experiment_id],
+                                                        f"tags.`{PARENT_RUN_TAG}` = '{parent_id}'")}
+    for child in set(child_ids) - nested:
+        client.set_tag(child, PARENT_RUN_TAG, parent_id)
+    client.log_artifact(parent_id, str(summary))
+    metrics = [] if top1 is None else [Metric("top1", top1, int(time.time() * 1000), 0)]
+    client.log_batch(parent_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+    if finished and run.info.status != "FINISHED":
+        client.set_terminated(parent_id, "FINISHED")
+
+
 # ---------------------------------------------------------------- sync command
 
 
@@ -772,7 +815,9 @@ def _connect(uri: str) -> tuple[MlflowClient, Path | None]:
 
 
 def _create_run(client: MlflowClient, experiment: str, run_name: str, database: Path | None) -> str:
-    return client.create_run(_experiment_id(client, experiment, database), run_name=run_name).info.run_id
+    parent = os.environ.get(PARENT_RUN_ENV)
+    return client.create_run(_experiment_id(client, experiment, database), run_name=run_name,
+                             tags={PARENT_RUN_TAG: parent} if parent else None).info.run_id
 
 
 def _experiment_id(client: MlflowClient, name: str, database: Path | None) -> str:

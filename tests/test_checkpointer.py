@@ -40,7 +40,7 @@ def make_engine(seed: int):
 
 
 def make_loader(demo_shards):
-    data = DataConfig(shards=str(demo_shards), img_size=32, num_threads=1, shuffle_buffer=64, channels_last=False)
+    data = DataConfig(shards=str(demo_shards), img_size=32, num_threads=1, channels_last=False)
     aug = AugConfig(rand_augment=None, reprob=0.0, mixup=0.0, cutmix=0.0)
     return TrainLoader(load_manifest(demo_shards), data, aug, 8, 0, 1, seed=3)
 
@@ -98,7 +98,8 @@ def test_a_checkpoint_restores_everything_it_holds(process_group, demo_shards, t
     engine2, loader2, ema2 = make_engine(seed=1), make_loader(demo_shards), torch.nn.Linear(2, 2)
     assert not torch.equal(engine2.module[0].weight, expected_weights["0.weight"])
     restored = TrainState()
-    Checkpointer(CheckpointConfig(), tmp_path, engine2, ema2, None, rank=0).load("step-000000003", restored, loader2)
+    Checkpointer(CheckpointConfig(), tmp_path, engine2, ema2, None, rank=0).load("step-000000003", restored, loader2,
+                                                                                 seed=0, saved_world=1)
     assert restored == state
     assert all(torch.equal(weights(engine2.module)[k], v) for k, v in expected_weights.items())
     assert all(torch.equal(weights(ema2)[k], v) for k, v in expected_ema.items())
@@ -167,7 +168,7 @@ def test_a_save_cut_short_or_repeated_leaves_an_intact_checkpoint(process_group,
     restored = TrainState()
     engine2 = make_engine(seed=1)
     Checkpointer(CheckpointConfig(), tmp_path, engine2, None, None, rank=0).load("step-000000001", restored,
-                                                                                 make_loader(demo_shards))
+                                                                                 make_loader(demo_shards), 0, 1)
     assert restored.global_step == 1 and all(torch.equal(weights(engine2.module)[k], v) for k, v in good.items())
     # Saved again, completed: it replaces the earlier save of its step, and the leftovers go.
     checkpointer.save(TrainState(global_step=2, epoch=1), loader)

@@ -242,6 +242,11 @@ def test_overrides_are_typed_and_validated(tmp_path):
         load_recipe(path, ["train.epochs=seven"], check_shards=False)
     with pytest.raises(RecipeError, match="expected key=value"):
         load_recipe(path, ["train.epochs"], check_shards=False)
+    # PyYAML reads 5e-4 (no dot) as a string: a number where the schema wants one, in overrides and files
+    r = load_recipe(path, ["optim.lr=5e-4", "optim.eps=1E-8", "model.drop_path=1.5e-1"], check_shards=False)
+    assert (r.optim.lr, r.optim.eps, r.model.drop_path) == (5e-4, 1e-8, 0.15)
+    with pytest.raises(RecipeError, match=r"optim\.lr: expected a number, got '5e-4x'"):
+        load_recipe(path, ["optim.lr=5e-4x"], check_shards=False)
 
 
 def test_missing_shard_directory_and_manifest(tmp_path):
@@ -287,11 +292,11 @@ def test_recipes_that_cannot_train_on_these_shards_fail_at_load(tmp_path, demo_s
     recipe["model"]["num_classes"] = 1000  # more outputs than classes is allowed (a 1000-class head)
     loaded = load_recipe(write(tmp_path, recipe), ["train.batch_per_device=64"])
     manifest = load_manifest(demo_shards)
-    check_world(loaded, manifest, 7, str(path))  # 480 // 7 = 68 per rank: one batch of 64
+    check_world(loaded, manifest, 7, str(path))  # a global batch of 448: one step
     with pytest.raises(RecipeError) as error:
-        check_world(loaded, manifest, 8, str(path))  # 60 per rank
-    assert str(error.value) == (f"{path}: train.batch_per_device: 64 x train.grad_accum 1 on each of 8 ranks needs at "
-                                "least 512 train samples per epoch, data.shards has 480 (60 per rank): zero steps per epoch")
+        check_world(loaded, manifest, 8, str(path))  # 512
+    assert str(error.value) == (f"{path}: train.batch_per_device: 64 x train.grad_accum 1 on each of 8 ranks is a "
+                                "global batch of 512 train samples per step, data.shards has 480: zero steps per epoch")
     with pytest.raises(RecipeError, match="train.grad_accum 2 on each of 7 ranks"):
         check_world(load_recipe(path, ["train.batch_per_device=64", "train.grad_accum=2"]), manifest, 7, str(path))
 

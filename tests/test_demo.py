@@ -45,7 +45,7 @@ def test_the_demo_reaches_90_percent_with_the_ema_close_and_says_what_to_do_next
     assert run.info.status == "FINISHED"
     assert metrics["top1"] >= 90 and abs(metrics["top1"] - metrics["top1_ema"]) <= 5
     assert {"val/top5", "val/loss", "train/loss", "train/lr"} <= set(metrics)
-    assert run.data.params["train.epochs"] == "12" and run.data.params["world_size"] == "2"
+    assert run.data.params["train.epochs"] == "12" and run.data.params["global_batch"] == "64"
     # What MLflow's UI shows: the source and its commit, and a description that states the result.
     tags = run.data.tags
     assert tags["model"] == "fat_b0" and tags["nodes"] == "1"

@@ -80,7 +80,7 @@ def test_every_bad_source_is_one_line(tmp_path, case, message):
 def test_layer_decay_gives_lower_blocks_smaller_learning_rates(tmp_path, demo_shards):
     recipe = load_recipe(demo_recipe(tmp_path, demo_shards, optim={"layer_decay": 0.5}))
     model = timm.create_model("fat_b0", num_classes=8)
-    optimizer = components.build_optimizer(recipe, model, world=1)
+    optimizer = components.build_optimizer(recipe, model, global_batch=recipe.train.batch_per_device)
     scales = sorted({group["lr_scale"] for group in optimizer.param_groups})
     # stem, 12 blocks and the final norm + head: 0.5 ** 13 .. 1.0
     assert scales[-1] == 1.0 and scales[0] == pytest.approx(0.5 ** 13) and len(scales) == 14

@@ -4,9 +4,11 @@ import gc
 import io
 import itertools
 import json
+import os
 import random
 import shutil
 import struct
+import time
 import weakref
 from functools import partial
 from pathlib import Path
@@ -65,7 +67,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def data_cfg(shards: Path, **overrides) -> DataConfig:
-    return DataConfig(**{"shards": str(shards), "img_size": IMG, "num_threads": 1, "shuffle_buffer": 8, **overrides})
+    return DataConfig(**{"shards": str(shards), "img_size": IMG, "num_threads": 1, **overrides})
 
 
 def denormalize_mean_rgb(images: torch.Tensor) -> np.ndarray:
@@ -117,6 +119,64 @@ def test_train_epochs_cover_each_sample_at_most_once_with_equal_steps(shards):
     assert epochs[0] != epochs[1]  # reshuffled every epoch
     # Over several epochs the dropped remainder moves: every sample gets seen.
     assert set().union(*map(set, epochs)) == set(range(NUM_TRAIN))
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+READER_SIGNALS_SCRIPT = """
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # DALI's reader processes are spawned: they import this file
+    sys.path.insert(0, sys.argv[2])
+    from test_loader import train_loader
+
+    batches = iter(loader := train_loader(Path(sys.argv[1]), batch=4))
+    first = next(batches)[1].tolist()
+    print("ready", flush=True)
+    sys.stdin.readline()  # the test has signalled every child of this process
+    labels = first + [label for _, batch in batches for label in batch.tolist()]
+    print(len(labels), len(set(labels)), flush=True)
+"""
+
+
+def test_reader_processes_leave_stop_signals_to_their_rank(shards, tmp_path):
+    """Slurm signals every process of a job step (USR2 before the time limit, TERM), a terminal's
+    Ctrl-C the whole process group (INT): the rank stops at a step's end, so its DALI reader
+    processes and multiprocessing's resource tracker must not die of them first."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(READER_SIGNALS_SCRIPT)
+    rank = subprocess.Popen([sys.executable, str(script), str(shards), str(Path(__file__).parent)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert rank.stdout.readline() == "ready\n", rank.stderr.read()
+        children = children_of(rank.pid)
+        assert len(children) >= 2  # a reader process and the resource tracker
+        for pid in children:
+            for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+                os.kill(pid, sig)
+        time.sleep(0.5)
+        assert all(Path(f"/proc/{pid}").exists() for pid in children)
+        out, err = rank.communicate("go\n", timeout=120)
+    finally:
+        rank.kill()
+    steps = NUM_TRAIN // 4
+    assert rank.returncode == 0 and out.split() == [str(4 * steps)] * 2, err
+    assert "resource_tracker" not in err
 
 
 def test_val_counts_every_sample_exactly_once_over_ranks(shards):
@@ -454,7 +514,7 @@ def test_decode_labels():
 
 
 def test_batch_too_large_for_the_split_fails_clearly(shards):
-    with pytest.raises(ValueError, match="cannot fill one batch of 32 on each of 2 ranks"):
+    with pytest.raises(ValueError, match="37 train samples cannot fill one global batch of 64"):
         train_loader(shards, batch=32, world_size=2)
 
 
@@ -479,8 +539,9 @@ def test_corrupt_train_image_is_quarantined_and_training_goes_on(shards, tmp_pat
     state = loader.state_dict()
     assert state["quarantine"] == [loader.quarantine[0].to_dict()]
     resumed = train_loader(tmp_path / "corrupt", state=state)
-    assert resumed._current_index_paths() != resumed.index_paths
-    assert len(run_epochs(resumed, 1)) == len(resumed)
+    assert resumed.quarantine == loader.quarantine
+    resumed_labels = [label for _, y in run_epochs(resumed, 1) for label in y.tolist()]
+    assert len(resumed_labels) == len(resumed) * 4 and bad_label not in resumed_labels
 
 
 def test_corrupt_val_image_is_left_out_and_reported(shards, tmp_path):

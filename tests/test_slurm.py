@@ -69,10 +69,11 @@ def submit(cluster, recipe: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, LAUNCH, str(recipe), *args], capture_output=True, text=True, timeout=120)
 
 
-def job_of(submitted: subprocess.CompletedProcess, recipe: Path) -> submitit.SlurmJob:
+def job_of(submitted: subprocess.CompletedProcess, recipe: Path, ranks: int = 2) -> submitit.SlurmJob:
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.split("submitted job ", 1)[1].split(":", 1)[0]
-    return submitit.SlurmJob(folder=Path(load_recipe(recipe).output_dir).resolve() / "slurm", job_id=job_id, tasks=(0, 1))
+    return submitit.SlurmJob(folder=Path(load_recipe(recipe).output_dir).resolve() / "slurm", job_id=job_id,
+                             tasks=tuple(range(ranks)))
 
 
 def jobs(cluster) -> set[str]:
@@ -115,7 +116,7 @@ def test_two_node_job_trains_across_nodes_and_finishes_in_mlflow(cluster, tmp_pa
     client, run = only_run(recipe)
     assert run.info.status == "FINISHED" and run.data.metrics["top1"] == results[0]["summary"]["top1"]
     assert run.data.tags["nodes"] == "2" and run.data.tags["job_id"] == job.job_id
-    assert run.data.params["world_size"] == "2"
+    assert run.data.params["global_batch"] == "32" and run.data.metrics["world_size"] == 2
 
 
 @pytest.mark.slow
@@ -144,10 +145,18 @@ def test_preempted_job_requeues_and_resumes_the_same_run(cluster, tmp_path, demo
     assert final_state(job) == "COMPLETED"
     resubmit = submit(cluster, recipe, "--nodes", "2", "--dry-run")
     assert resubmit.returncode == 0 and "resuming: " in resubmit.stdout and run.info.run_id in resubmit.stdout
-    # The checkpoint belongs to 2 ranks: resuming it on 1 node is refused at submit, in one line.
-    smaller = submit(cluster, recipe, "--nodes", "1")
-    assert smaller.returncode != 0 and smaller.stderr.count("\n") == 1
-    assert "was made with world_size=2; this run has world_size=1" in smaller.stderr
+    # Resubmitted on the 1 node there is, for a third epoch: the same run continues, the global batch
+    # kept by accumulating 2 micro-batches of 16 on the one rank.
+    smaller = job_of(submit(cluster, recipe, "--nodes", "1", "--set", "train.epochs=3"), recipe, ranks=1)
+    assert smaller.results()[0]["world_size"] == 1 and final_state(smaller) == "COMPLETED"
+    text = Path(smaller.paths.stdout).read_text()
+    assert f"resuming from {Path(load_recipe(recipe).output_dir) / 'checkpoints' / ckpt.tag_for(30)}" in text
+    assert "1 ranks (the checkpoint's: 2): global batch 32 = 1 rank(s) x 16 x 2 accumulation step(s)" in text
+    client, run = only_run(recipe)
+    assert run.info.status == "FINISHED" and [m.step for m in client.get_metric_history(
+        run.info.run_id, "train/loss")] == [5, 10, 15, 20, 25, 30, 35, 40, 45]
+    history = sorted(client.get_metric_history(run.info.run_id, "world_size"), key=lambda m: m.timestamp)
+    assert [(m.step, m.value) for m in history] == [(0, 2), (interrupted_at, 2), (30, 1)]
 
 
 def test_a_live_run_in_the_output_dir_fails_before_submission(cluster, tmp_path, demo_shards):
@@ -227,8 +236,8 @@ def test_bad_input_fails_before_submission(cluster, tmp_path, demo_shards, case)
         "too few classes": (["--set", "model.num_classes=4"], "model.num_classes: 4 is fewer than the 8 classes"),
         # 480 train samples over 2 nodes x 2 tasks: 120 per rank
         "batch too large": (["--tasks-per-node", "2", "--set", "train.batch_per_device=128"],
-                            "train.batch_per_device: 128 x train.grad_accum 1 on each of 4 ranks needs at least 512 "
-                            "train samples per epoch, data.shards has 480 (120 per rank)"),
+                            "train.batch_per_device: 128 x train.grad_accum 1 on each of 4 ranks is a global batch "
+                            "of 512 train samples per step, data.shards has 480: zero steps per epoch"),
     }[case]
     if case == "bad recipe":
         recipe.write_text(recipe.read_text().replace("epochs: 12", "epochs: many"))

@@ -257,7 +257,7 @@ def run(args: argparse.Namespace, results: Results) -> None:
     replicas = math.ceil(s["epoch_images"] / len(jpegs))
     shards = data.shards_of(jpegs, args.work, replicas=replicas)
     manifest = load_manifest(shards)
-    cfg = DataConfig(shards=str(shards), img_size=s["size"], num_threads=s["threads"], shuffle_buffer=512)
+    cfg = DataConfig(shards=str(shards), img_size=s["size"], num_threads=s["threads"])
     with attempt(results, "dali_labels"):
         check_labels(results, manifest, cfg, jpegs, device, s)
     with attempt(results, "dali_restore"):

@@ -52,7 +52,7 @@ def rank_main(rank: int, port: int, device_name: str, tiny: bool, out: Path) -> 
         torch.manual_seed(0)
         model = components.build_model(recipe, 1000, world, device).to(device)
         synced = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-        optimizer = components.build_optimizer(recipe, model, world)
+        optimizer = components.build_optimizer(recipe, model, recipe.train.batch_per_device * world)
 
         def step(x, y):
             with autocast:

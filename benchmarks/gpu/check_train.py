@@ -132,8 +132,9 @@ def timer_variant(args: argparse.Namespace, results: Results, model: str, eager:
 
     fatscale_config = components.deepspeed_config
 
-    def timer_on(recipe, world):
-        return {**fatscale_config(recipe, world), "timers": {"throughput": {"enabled": True, "synchronized": True}}}
+    def timer_on(recipe, layout, load_universal=False):
+        return {**fatscale_config(recipe, layout, load_universal),
+                "timers": {"throughput": {"enabled": True, "synchronized": True}}}
 
     components.deepspeed_config = timer_on
     try:

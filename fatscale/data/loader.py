@@ -1,11 +1,11 @@
 """DALI loaders over the shards that ``data_prep/make_shards.py`` writes.
 
-Train: ``fn.readers.webdataset`` over the manifest's shards and index files, split across ranks
-(``shard_id`` = rank, ``num_shards`` = world size), shuffled through a seeded buffer and by shard
-order after each epoch -> decode fused with the random-resized crop (``mixed`` = nvJPEG on a GPU,
-``cpu`` otherwise) -> bicubic resize -> RandAugment (timm-equivalent, ``fatscale.data.rand_augment``)
-or colour jitter -> flip + normalise -> on the training device: random erasing and
-Mixup/CutMix + label smoothing (timm's, per batch).
+Train: each epoch's global permutation of the split (fatscale.data.sample_order: a function of
+(seed, epoch) only, whatever the number of ranks), read sample by sample from the shards by offset
+(fatscale.data.shard_samples, DALI's parallel external source) -> decode fused with the
+random-resized crop (``mixed`` = nvJPEG on a GPU, ``cpu`` otherwise) -> bicubic resize ->
+RandAugment (timm-equivalent, ``fatscale.data.rand_augment``) or colour jitter -> flip + normalise
+-> on the training device: random erasing and Mixup/CutMix + label smoothing (timm's, per batch).
 
 Val: resize the shorter side to ``floor(img_size / crop_pct)`` (bicubic), centre crop
 ``img_size``, normalise; every sample is evaluated exactly once over all ranks (no padding samples
@@ -16,27 +16,30 @@ Train size: epoch ``e`` (``state.epoch``, from 0) crops to ``DataConfig.train_si
 (``data.resolution``, else ``data.img_size``), ``TrainLoader.img_size``. The size is a scalar
 argument of the graph, so where it changes, at an epoch boundary, the pipeline is rebuilt for the
 new size from DALI's checkpoint taken at that boundary (as a resumed run's is): the graph is the
-same, so the reader's position and shuffle and every random operator's state carry over, and
-reader order and random draws (crop windows, flips, RandAugment) are those of a run at a constant
-size. The rebuild costs what a resume does (a pipeline build, the shuffle buffer refilled). The
+same, so the source's position and every random operator's state carry over, and the order and
+random draws (crop windows, flips, RandAugment) are those of a run at a constant size. The
+rebuild costs what a resume does (a pipeline build). The
 old pipeline goes when the epoch before ends, and the memory it held is handed back
 (``ReleaseUnusedMemory``: DALI's pools keep freed blocks otherwise).
 
-Epochs (train): the reader's ranges split the N samples into ``world_size`` contiguous parts of
-``floor(N / W)`` or ``ceil(N / W)`` samples. Every rank yields exactly
-``steps_per_epoch = floor(floor(N / W) / batch)`` batches per epoch, so collective operations line
-up; the samples beyond that (fewer than ``W * (batch + 1)`` per epoch, different ones each epoch as
-the order changes) are read and dropped. No sample is seen twice in an epoch.
+Epochs (train): optimizer step ``s`` of an epoch trains on the global batch ``perm[s*B:(s+1)*B]``
+(``B`` = ``batch_per_device x grad_accum x world_size``); rank ``r`` takes its micro-batches of that
+batch in a fixed way (``SampleOrder``). Every rank yields ``steps_per_epoch x grad_accum``
+micro-batches per epoch, so collective operations line up; the tail of fewer than ``B`` samples
+(a different one each epoch) is not read. No sample is seen twice in an epoch.
 
 Corrupt images: a sample DALI's decoder fails on is found, reported (log warning, counted in
 ``quarantine``) and replaced without stopping the run: see ``fatscale.data.quarantine``.
 
-Position: ``TrainLoader.state_dict()`` (plain, JSON-able data) holds the epoch, the batches handed
-out in it, DALI's checkpoint of the pipeline (reader position, shuffle buffer and every random
-operator's state) after the last of them and the quarantine; ``load_state_dict`` of it, in a new
-loader or this one, continues with exactly the batches that had not been handed out, at the size
-of the saved epoch (the size is not saved: it follows from the epoch and ``data``). (Random
-erasing and Mixup draw from the host's generators, which the trainer saves.)
+Position: ``TrainLoader.state_dict()`` (plain, JSON-able data) holds the epoch, the micro-batches
+handed out in it, the (epoch, step) the pipeline started at, the batch layout, DALI's checkpoint
+of the pipeline (the source's iteration and every random operator's state) after the last of them
+and the quarantine; ``load_state_dict`` of it, in a new loader or this one, continues with exactly
+the batches that had not been handed out, at the size of the saved epoch (the size is not saved:
+it follows from the epoch and ``data``). A state saved under another layout (another number of
+ranks) continues at the same optimizer step with the same samples; its random operators start
+afresh from the seed and step. (Random erasing and Mixup draw from the host's generators, which
+the trainer saves.)
 
 ``DataConfig`` and ``AugConfig`` are the recipe's sections (fatscale.config), valid once made.
 """
@@ -62,15 +65,17 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.data.random_erasing import RandomErasing
 
-from fatscale.config import MIN_IMG_SIZE, AugConfig, DataConfig, train_steps_per_epoch
+from fatscale.config import MIN_IMG_SIZE, AugConfig, DataConfig
 from fatscale.data.manifest import Manifest
 from fatscale.data.quarantine import DecodeCheck, QuarantinedSample, parse_source_info, read_member, write_patched_index
 from fatscale.data.rand_augment import RandAugmentSpec, rand_augment
+from fatscale.data.sample_order import BatchLayout, SampleOrder
+from fatscale.data.shard_samples import LABEL_DIGITS, ShardSamples, TrainSource
+from fatscale.lifetime import start_resource_tracker
 
 log = logging.getLogger(__name__)
 
 READER = "reader"
-MAX_LABEL_DIGITS = 8
 
 
 def _placeholder_jpeg() -> np.ndarray:
@@ -105,7 +110,7 @@ def _normalize(images, cfg: DataConfig, mirror=None):
 
 def _labels(cls):
     # ``.cls`` is decimal ASCII text; padded to a fixed width so the batch is a dense tensor.
-    return fn.pad(cls, fill_value=0, shape=[MAX_LABEL_DIGITS])
+    return fn.pad(cls, fill_value=0, shape=[LABEL_DIGITS])
 
 
 def _read(paths, index_paths, info_len: int, probe: bool, **reader_args):
@@ -145,17 +150,8 @@ def _decode_random_crop(encoded, decode: str, aug: AugConfig):
     )
 
 
-@pipeline_def(enable_conditionals=True, enable_checkpointing=True)
-def _train_pipeline(paths, index_paths, info_len: int, probe: bool, cfg: DataConfig, aug: AugConfig, decode: str,
-                    shard_id: int, num_shards: int, shuffle_seed: int, img_size: int):
-    encoded, labels, info = _read(
-        paths, index_paths, info_len, probe, shard_id=shard_id, num_shards=num_shards,
-        random_shuffle=True,
-        initial_fill=cfg.shuffle_buffer,
-        shuffle_after_epoch=True,
-        shuffle_after_epoch_seed=shuffle_seed,  # same on every rank: one global shard order
-        pad_last_batch=True,
-    )
+def augment_train(encoded, cfg: DataConfig, aug: AugConfig, decode: str, img_size: int):
+    """The train augmentation of encoded images, as DALI operators (also the reader benchmark's)."""
     images = _decode_random_crop(encoded, decode, aug)
     size = (img_size, img_size)  # only a scalar argument: a checkpoint restores across sizes (TrainLoader)
     images = fn.resize(images, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
@@ -170,8 +166,14 @@ def _train_pipeline(paths, index_paths, info_len: int, probe: bool, cfg: DataCon
             saturation=fn.random.uniform(range=jitter),
         )
     mirror = fn.random.coin_flip(probability=aug.hflip)
-    images = _normalize(images, cfg, mirror)
-    return images, labels, info
+    return _normalize(images, cfg, mirror)
+
+
+@pipeline_def(enable_conditionals=True, enable_checkpointing=True)
+def _train_pipeline(source: TrainSource, cfg: DataConfig, aug: AugConfig, decode: str, img_size: int):
+    encoded, cls, index = fn.external_source(source=source, num_outputs=3, batch=False, parallel=True,
+                                             dtype=[types.UINT8, types.UINT8, types.INT64])
+    return augment_train(encoded, cfg, aug, decode, img_size), cls, index
 
 
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
@@ -194,7 +196,7 @@ def _val_pipeline(paths, index_paths, info_len: int, probe: bool, cfg: DataConfi
 
 
 def decode_labels(raw: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, MAX_LABEL_DIGITS] of zero-padded ASCII digits -> int64 [B]."""
+    """uint8 [B, LABEL_DIGITS] of zero-padded ASCII digits -> int64 [B]."""
     digits = raw.long() - ord("0")
     present = raw != 0
     if bool(((digits < 0) | (digits > 9))[present].any()):
@@ -208,8 +210,10 @@ def decode_labels(raw: torch.Tensor) -> torch.Tensor:
 @dataclass
 class LoaderState:
     epoch: int = 0
-    step: int = 0  # batches handed out in this epoch
+    step: int = 0  # micro-batches handed out in this epoch
     checkpoint: str | None = None  # DALI pipeline checkpoint (serialized bytes), base64
+    origin: tuple[int, int] = (0, 0)  # (epoch, step) where the pipeline of ``checkpoint`` started
+    layout: tuple[int, int, int] | None = None  # (world size, micro-batch, grad_accum) of ``checkpoint``
     quarantine: list[dict] = field(default_factory=list)  # QuarantinedSample dicts
 
 
@@ -222,13 +226,14 @@ def _decode_checkpoint(checkpoint: str | None) -> bytes | None:
 
 
 class _DaliSplit:
-    """One split's DALI pipeline and iterator, with recovery from undecodable samples."""
+    """One split's DALI pipeline and iterator."""
 
     policy: LastBatchPolicy
+    reader_name: str | None
     img_size: int  # the size the pipeline yields now; it is (re)built for it when that changes
 
     def __init__(self, manifest: Manifest, split: str, cfg: DataConfig, batch_size: int, rank: int,
-                 world_size: int, device: torch.device, seed: int, quarantine: list[dict]):
+                 world_size: int, device: torch.device, seed: int):
         self.cfg = cfg
         self.seed = seed
         self.batch_size = batch_size
@@ -241,19 +246,21 @@ class _DaliSplit:
         self.num_samples = manifest.splits[split].num_samples
         self.paths = manifest.shard_paths(split, cfg.shards)
         self.index_paths = manifest.index_paths(split, cfg.shards)
-        self.info_len = max(len(p) for p in self.paths) + 64  # "<tar>:<offset>:<member name>"
-        self.quarantine = [QuarantinedSample(**q) for q in quarantine]
-        self._patched_dir: tempfile.TemporaryDirectory | None = None  # removed with the loader, or at exit
         self._last_good: bytes | None = None  # where the pipeline (re)starts: after the last batch handed out
         self._it: DALIGenericIterator | None = None  # built by the first batch asked for
         self._built_size: int | None = None  # the img_size _it yields
         log.info("%s loader: rank %d/%d, decode on %s", split, rank, world_size, self.decode)
 
-    def _pipeline(self, index_paths: list[str], probe: bool, **kwargs):
+    def _pipeline(self, probe: bool = False, **kwargs):
         raise NotImplementedError
 
     def _decoders(self) -> list:
         """What the quarantine's DecodeCheck decodes with: the functions that build the pipeline's decoder."""
+        raise NotImplementedError
+
+    def _ahead(self) -> Iterator[tuple[str, str, bytes]]:
+        """(shard name, key, encoded image) of every sample in the batches after the last good
+        checkpoint that the failed one can be (at most the prefetch depth + 2 ahead)."""
         raise NotImplementedError
 
     def _release(self) -> None:
@@ -266,9 +273,9 @@ class _DaliSplit:
     def _start(self, checkpoint: bytes | None) -> None:
         """(Re)build the pipeline at ``checkpoint`` (None: the start of the first epoch), for ``img_size``."""
         self._release()  # the old pipeline goes first
-        pipe = self._pipeline(self._current_index_paths(), False, **self._pipe_kwargs(checkpoint))
+        pipe = self._pipeline(**self._pipe_kwargs(checkpoint))
         self._built_size = self.img_size
-        self._it = DALIGenericIterator([pipe], ["images", "labels", "info"], reader_name=READER,
+        self._it = DALIGenericIterator([pipe], ["images", "labels", "info"], reader_name=self.reader_name,
                                        last_batch_policy=self.policy, auto_reset=False, prepare_first_batch=False)
         self._last_good = checkpoint
 
@@ -282,18 +289,6 @@ class _DaliSplit:
             checkpoint=checkpoint,
         )
 
-    def _current_index_paths(self) -> list[str]:
-        if not self.quarantine:
-            return self.index_paths
-        if self._patched_dir is None:
-            self._patched_dir = tempfile.TemporaryDirectory(prefix="fatscale-index-")
-        paths = list(self.index_paths)
-        for i, tar in enumerate(self.paths):
-            keys = {q.key: q.reason for q in self.quarantine if q.shard == Path(tar).name}
-            if keys:
-                paths[i] = write_patched_index(self.index_paths[i], keys, Path(self._patched_dir.name))
-        return paths
-
     def _next(self) -> dict:
         """The next batch; raises StopIteration at the end of the reader's epoch."""
         if self._it is None or self._built_size != self.img_size:
@@ -306,29 +301,18 @@ class _DaliSplit:
         self._last_good = self._it.checkpoints()[0]
         return batch
 
-    def _end_epoch(self) -> None:
-        self._it.reset()
-        self._last_good = self._it.checkpoints()[0]
-
     def _recover(self, error: RuntimeError) -> None:
         """Find the undecodable samples ahead of the last good checkpoint, quarantine them and
         restart from that checkpoint (module docstring of fatscale.data.quarantine)."""
-        index_paths = self._current_index_paths()
-        index_of = dict(zip(self.paths, index_paths))
-        probe = self._pipeline(index_paths, True, **self._pipe_kwargs(self._last_good))
-        probe.build()
-        known = {(q.shard, q.key) for q in self.quarantine}
+        self._release()
         check = DecodeCheck(self.decode, self.device.index if self.device.type == "cuda" else None, self._decoders())
+        known = {(q.shard, q.key) for q in self.quarantine}
         found = []
-        for _ in range(self.cfg.prefetch + 2):  # the failed batch is at most this far ahead
-            info = probe.run()[2]
-            for i in range(len(info)):
-                tar, offset, key = parse_source_info(bytes(info.at(i)).rstrip(b"\0"))
-                reason = check.reason(read_member(tar, offset, index_of[tar]))
-                if reason and (Path(tar).name, key) not in known:
-                    found.append(QuarantinedSample(Path(tar).name, key, reason))
-                    known.add((Path(tar).name, key))
-        del probe
+        for shard, key, encoded in self._ahead():
+            reason = check.reason(encoded)
+            if reason and (shard, key) not in known:
+                found.append(QuarantinedSample(shard, key, reason))
+                known.add((shard, key))
         if not found:
             raise RuntimeError(f"DALI pipeline failed and no undecodable sample was found ahead: {error}") from error
         for sample in found:
@@ -344,26 +328,31 @@ class _DaliSplit:
 
 
 class TrainLoader(_DaliSplit):
-    """Yields ``steps_per_epoch`` (images, targets) batches per epoch; targets are soft labels
-    (with label smoothing) when Mixup/CutMix is on, else class indices (the trainer then applies
-    label smoothing in the loss, as timm's train.py does). A quarantined sample's slot
-    holds a neighbouring sample of the same shard (equal batch sizes on every rank)."""
+    """Yields this rank's micro-batches of every optimizer step (module docstring, "Epochs");
+    targets are soft labels (with label smoothing) when Mixup/CutMix is on, else class indices
+    (the trainer then applies label smoothing in the loss, as timm's train.py does). A quarantined
+    sample's slot holds the next healthy sample of the split. ``indices`` are the split's indices of
+    the samples of the last batch yielded (``keys(...)`` names them)."""
 
-    policy = LastBatchPolicy.DROP
+    policy = LastBatchPolicy.FILL  # never reached: the source has no end
+    reader_name = None
 
     def __init__(self, manifest: Manifest, cfg: DataConfig, aug: AugConfig, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_classes: int | None = None, device: torch.device | str = "cpu",
-                 seed: int = 0):
-        self.state = LoaderState()  # load_state_dict() continues a saved one
-        super().__init__(manifest, "train", cfg, batch_size, rank, world_size, torch.device(device), seed,
-                         self.state.quarantine)
+                 seed: int = 0, grad_accum: int = 1):
+        super().__init__(manifest, "train", cfg, batch_size, rank, world_size, torch.device(device), seed)
         self.aug = aug
-        self.steps_per_epoch = train_steps_per_epoch(self.num_samples, world_size, batch_size)
-        if self.steps_per_epoch == 0:
+        self.layout = BatchLayout(batch_size * grad_accum * world_size, world_size, batch_size, grad_accum)
+        self.samples = ShardSamples(self.paths, self.index_paths)
+        self.order = SampleOrder(self.num_samples, seed, self.layout, rank)
+        if self.order.steps_per_epoch == 0:
             raise ValueError(
-                f"{cfg.shards}: {self.num_samples} train samples cannot fill one batch of {batch_size} "
-                f"on each of {world_size} ranks"
-            )
+                f"{cfg.shards}: {self.num_samples} train samples cannot fill one global batch of "
+                f"{self.layout.global_batch} ({self.layout.describe()})")
+        self.steps_per_epoch = self.order.steps_per_epoch  # optimizer steps
+        self.state = LoaderState()  # load_state_dict() continues a saved one
+        self.quarantine: list[QuarantinedSample] = []
+        self.indices: np.ndarray | None = None
         self.random_erasing = (
             RandomErasing(aug.reprob, mode="pixel", max_count=1, device=self.device) if aug.reprob > 0 else None
         )
@@ -374,16 +363,24 @@ class TrainLoader(_DaliSplit):
                   switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing, num_classes=num_classes)
             if mixing else None
         )
-        self._last_good = _decode_checkpoint(self.state.checkpoint)
 
     @property
     def img_size(self) -> int:
         """The train crop size of the current epoch (``state.epoch``): ``DataConfig.train_size``."""
         return self.cfg.train_size(self.state.epoch)
 
-    def _pipeline(self, index_paths: list[str], probe: bool, **kwargs):
-        return _train_pipeline(self.paths, index_paths, self.info_len, probe, self.cfg, self.aug, self.decode,
-                               self.rank, self.world_size, self.seed, self.img_size, **kwargs)
+    def _source(self) -> TrainSource:
+        index_of = {(self.samples.shard_name(i), self.samples.key(i)): i for i in range(len(self.samples))} \
+            if self.quarantine else {}
+        return TrainSource(self.samples, self.order, tuple(self.state.origin),
+                           {index_of[(q.shard, q.key)] for q in self.quarantine})
+
+    def _pipeline(self, **kwargs):
+        if tuple(self.state.origin) != (0, 0):  # started afresh at a step (another layout): not step 0's draws
+            kwargs["seed"] = int(np.random.SeedSequence([self.seed, self.rank, *self.state.origin]).generate_state(1)[0])
+        start_resource_tracker()  # before DALI starts the reader processes that use it
+        return _train_pipeline(self._source(), self.cfg, self.aug, self.decode, self.img_size,
+                               py_num_workers=self.cfg.reader_workers, py_start_method="spawn", **kwargs)
 
     def _decoders(self) -> list:
         # The check cannot draw the window the pipeline drew: the whole image is decoded too, which
@@ -391,25 +388,38 @@ class TrainLoader(_DaliSplit):
         return [partial(_decode_random_crop, decode=self.decode, aug=self.aug),
                 partial(_decode_whole, decode=self.decode)]
 
+    def _ahead(self) -> Iterator[tuple[str, str, bytes]]:
+        source = self._source()
+        handed = self._handed_since_origin()
+        for micro_batches in range(handed, handed + self.cfg.prefetch + 2):
+            epoch, step, micro = self.order.position(tuple(self.state.origin), micro_batches)
+            for slot in range(self.batch_size):
+                index = source.index(epoch, step, micro, slot)
+                yield self.samples.shard_name(index), self.samples.key(index), self.samples.read(index)[0]
+
+    def _handed_since_origin(self) -> int:
+        epoch, step = self.state.origin
+        return ((self.state.epoch - epoch) * self.steps_per_epoch - step) * self.layout.grad_accum + self.state.step
+
+    def keys(self, indices: np.ndarray) -> list[str]:
+        return [self.samples.key(int(i)) for i in indices]
+
     def __len__(self) -> int:
-        return self.steps_per_epoch
+        """Micro-batches per epoch."""
+        return self.steps_per_epoch * self.layout.grad_accum
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch (the rest of it, after a restore)."""
-        while self.state.step < self.steps_per_epoch:
-            images, labels = self._convert(self._next())
+        while self.state.step < len(self):
+            batch = self._next()
+            images, labels = self._convert(batch)
+            self.indices = batch["info"].numpy().reshape(-1)
             self.state.step += 1
             if self.random_erasing is not None:
                 images = self.random_erasing(images)
             if self.mixup is not None:
                 images, labels = self.mixup(images, labels)
             yield images, labels
-        try:  # this rank's extra batches of the epoch are dropped (module docstring)
-            while True:
-                self._next()
-        except StopIteration:
-            pass
-        self._end_epoch()
         self.state.epoch += 1
         self.state.step = 0
         if self.img_size != self._built_size:  # rebuilt at the next batch: the old one goes now, before the evaluation
@@ -417,20 +427,35 @@ class TrainLoader(_DaliSplit):
 
     def state_dict(self) -> dict:
         """Where this loader is (module docstring, "Position"), as plain JSON-able data: ``epoch``,
-        ``step`` (batches handed out in it), ``checkpoint`` (DALI's, base64) and ``quarantine``."""
+        ``step`` (micro-batches handed out in it), ``checkpoint`` (DALI's, base64) with the
+        ``origin`` and ``layout`` of its pipeline, and ``quarantine``."""
+        layout = self.layout
         return dict(epoch=self.state.epoch, step=self.state.step, checkpoint=_encode_checkpoint(self._last_good),
+                    origin=list(self.state.origin), layout=[layout.world_size, layout.micro_batch, layout.grad_accum],
                     quarantine=[q.to_dict() for q in self.quarantine])
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state``, a ``state_dict()`` of a loader over the same shards with the same
-        config, batch, rank, world size and seed: the next batch is the one that followed it. The
-        pipeline is rebuilt at that checkpoint when the next batch is asked for; an epoch being
-        iterated goes on from the loaded position."""
-        loaded = LoaderState(**state)
-        if not 0 <= loaded.step <= self.steps_per_epoch:
-            raise ValueError(f"loader state at step {loaded.step} of an epoch of {self.steps_per_epoch} steps: "
-                             "saved with another batch size, world size or train split")
-        self.state = replace(loaded, quarantine=list(loaded.quarantine))
+        """Continue from ``state``, a ``state_dict()`` of a loader over the same shards with the
+        same config and seed. Saved with this layout (world size, micro-batch, accumulation), the
+        pipeline restores DALI's checkpoint: every random draw continues too. Saved with another
+        one (a resume on another number of ranks), it must be at an optimizer step's end, and a
+        new pipeline starts at that step: the same samples, other random draws. The pipeline is
+        (re)built when the next batch is asked for."""
+        loaded = LoaderState(**{**state, "origin": tuple(state.get("origin", (0, 0)))})
+        saved_layout = tuple(loaded.layout) if loaded.layout else None
+        here = (self.layout.world_size, self.layout.micro_batch, self.layout.grad_accum)
+        if saved_layout != here:
+            saved_accum = saved_layout[2] if saved_layout else 1
+            if loaded.step % saved_accum:
+                raise ValueError(f"loader state at micro-batch {loaded.step} of a step of {saved_accum}: not at "
+                                 "an optimizer step's end")
+            step = loaded.step // saved_accum
+            loaded = replace(loaded, step=step * self.layout.grad_accum, checkpoint=None, origin=(loaded.epoch, step),
+                             layout=None)
+        if not 0 <= loaded.step <= len(self):
+            raise ValueError(f"loader state at step {loaded.step} of an epoch of {len(self)} steps: "
+                             "saved with another batch size or train split")
+        self.state = replace(loaded, quarantine=[])
         self.quarantine = [QuarantinedSample(**q) for q in loaded.quarantine]
         self._last_good = _decode_checkpoint(loaded.checkpoint)
         self._release()
@@ -438,8 +463,8 @@ class TrainLoader(_DaliSplit):
 
 class ValLoader(_DaliSplit):
     """Each rank yields its contiguous part of the val split (or of ``split``: fatscale.evaluate
-    --split train), every sample exactly once; a quarantined sample is left out (and listed in
-    ``quarantine``).
+    --split train), read in order by DALI's webdataset reader, every sample exactly once; a
+    quarantined sample is left out (and listed in ``quarantine``).
 
     Each pass (evaluation) builds its pipeline and releases it at its end: kept between
     evaluations, it would hold its buffers (prefetched batches, decoder state: GPU memory on a GPU)
@@ -448,22 +473,50 @@ class ValLoader(_DaliSplit):
     cores, where a pass over 1000 ImageNet images at 224 px takes ~6 s)."""
 
     policy = LastBatchPolicy.PARTIAL
+    reader_name = READER
 
     def __init__(self, manifest: Manifest, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", img_size: int | None = None, split: str = "val"):
         self.img_size = cfg.img_size if img_size is None else img_size  # one of cfg.val_sizes, for the trainer
         if self.img_size < MIN_IMG_SIZE:
             raise ValueError(f"val img_size {self.img_size}: must be at least {MIN_IMG_SIZE}")
-        super().__init__(manifest, split, cfg, batch_size, rank, world_size, torch.device(device), 0, [])
+        super().__init__(manifest, split, cfg, batch_size, rank, world_size, torch.device(device), 0)
         # The reader's split of N samples over W shards: [floor(N r / W), floor(N (r + 1) / W)).
         self.rank_samples = (self.num_samples * (rank + 1)) // world_size - (self.num_samples * rank) // world_size
+        self.info_len = max(len(p) for p in self.paths) + 64  # "<tar>:<offset>:<member name>"
+        self.quarantine: list[QuarantinedSample] = []
+        self._patched_dir: tempfile.TemporaryDirectory | None = None  # removed with the loader, or at exit
 
-    def _pipeline(self, index_paths: list[str], probe: bool, **kwargs):
-        return _val_pipeline(self.paths, index_paths, self.info_len, probe, self.cfg, self.decode, self.rank,
-                             self.world_size, self.img_size, **kwargs)
+    def _pipeline(self, probe: bool = False, **kwargs):
+        return _val_pipeline(self.paths, self._current_index_paths(), self.info_len, probe, self.cfg, self.decode,
+                             self.rank, self.world_size, self.img_size, **kwargs)
+
+    def _current_index_paths(self) -> list[str]:
+        if not self.quarantine:
+            return self.index_paths
+        if self._patched_dir is None:
+            self._patched_dir = tempfile.TemporaryDirectory(prefix="fatscale-index-")
+        paths = list(self.index_paths)
+        for i, tar in enumerate(self.paths):
+            keys = {q.key: q.reason for q in self.quarantine if q.shard == Path(tar).name}
+            if keys:
+                paths[i] = write_patched_index(self.index_paths[i], keys, Path(self._patched_dir.name))
+        return paths
 
     def _decoders(self) -> list:
         return [partial(_decode_whole, decode=self.decode)]
+
+    def _ahead(self) -> Iterator[tuple[str, str, bytes]]:
+        # The batches after the last good checkpoint replayed with the decoder fed a placeholder
+        # (fatscale.data.quarantine): the reader says which samples they hold.
+        index_of = dict(zip(self.paths, self._current_index_paths()))
+        probe = self._pipeline(True, **self._pipe_kwargs(self._last_good))
+        probe.build()
+        for _ in range(self.cfg.prefetch + 2):
+            info = probe.run()[2]
+            for i in range(len(info)):
+                tar, offset, key = parse_source_info(bytes(info.at(i)).rstrip(b"\0"))
+                yield Path(tar).name, key, read_member(tar, offset, index_of[tar])
 
     def __len__(self) -> int:
         return math.ceil(self.rank_samples / self.batch_size)

@@ -1,16 +1,17 @@
 """Corrupt samples found while training: how they are recognised and kept out of DALI's way.
 
 DALI cannot skip a sample its decoder fails on: the pipeline stops with a critical error
-(github.com/NVIDIA/DALI/issues/3913). The loader then replays the batches that follow its last
-good checkpoint through the same pipeline with the decoder fed a placeholder (so nothing can
-fail), reads each sample's JPEG from its tar at the offset DALI reports, decodes it alone with the
-pipeline's own decoder operator, built by the same function as in the pipeline, on the pipeline's
-device (PIL accepts files that nvImageCodec rejects, and the other way round; so do DALI's
-whole-image and random-crop decoders), and quarantines the undecodable ones: a private copy
-of the shard's index points the sample's slot at the bytes of a neighbouring sample (same
-shard, same components), named after the quarantined key. The sample count is unchanged, so the
-last good checkpoint still restores: training continues exactly where it was, with the neighbour
-in the corrupt sample's place (train) or the slot left out (val).
+(github.com/NVIDIA/DALI/issues/3913). The loader then reads the samples that follow its last good
+checkpoint from their tars, decodes each alone with the pipeline's own decoder operator, built by
+the same function as in the pipeline, on the pipeline's device (PIL accepts files that
+nvImageCodec rejects, and the other way round; so do DALI's whole-image and random-crop
+decoders), and quarantines the undecodable ones, then restarts from that checkpoint.
+Train: the source (fatscale.data.shard_samples.TrainSource) puts the next healthy sample of the
+split in a quarantined sample's slot, so the batch count is unchanged and training continues
+exactly where it was. Val (DALI's webdataset reader): the pipeline is replayed with the decoder fed
+a placeholder to find the samples at DALI's reported offsets, and a private copy of the shard's
+index points the sample's slot at the bytes of a neighbouring sample (same shard, same
+components), named after the quarantined key; the evaluation leaves that slot out.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ One job per module, in the order a run goes through them:
   markers are checked, anything else is re-encoded by Pillow or skipped with the reason;
 * ``build``: one shard per task, written by this process and ``--workers - 1`` children;
 * ``make``: ``make_shards``, from the scan to the manifest; ``verify``: ``--verify``;
+* ``slurm``: ``--slurm-tasks N``, the same shards built by a Slurm job array (submitit);
 * ``errors``: whose fault a failure is, and one-line messages; ``cli``: the command line.
 
 Nothing here imports torch or DALI (timm only for trees of ImageNet class ids, for the names).

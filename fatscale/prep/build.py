@@ -94,9 +94,12 @@ def build_shard(task: ShardTask, report: Report | None = None) -> dict:
     """
     try:
         return _build_shard(task, report or _queue_report)
+    except RunStopped as e:
+        e.shard = task.name
+        raise
     except OSError as e:
         raise RunStopped(f"cannot write {task.name} in {quoted(task.out_dir)}: "
-                         f"{e.strerror or one_line(e)}; {RESUME}") from e
+                         f"{e.strerror or one_line(e)}; {RESUME}", task.name) from e
 
 
 def _write_samples(task: ShardTask, w: ShardWriter, tally: _Tally) -> tuple[list[dict], Counter]:

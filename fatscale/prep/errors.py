@@ -21,7 +21,17 @@ class MakeShardsError(Exception):
 class RunStopped(RuntimeError):
     """A failure that is not the input's fault (memory, the file system, a killed worker): the run
     stops with a one-line message naming the file, and nothing is recorded for that file, so a
-    re-run resumes and retries it."""
+    re-run resumes and retries it. ``shard``: the shard it stopped, where known (a Slurm task's
+    failure names it)."""
+
+    def __init__(self, message: str, shard: str | None = None):
+        super().__init__(message)
+        self.shard = shard
+
+
+class Detached(Exception):
+    """Ctrl-C while watching a Slurm job array: the array goes on; the message says how to
+    re-attach."""
 
 
 def quoted(x: Any) -> str:

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from fatscale.atomic import is_temporary
@@ -159,3 +160,16 @@ def valid_record(out: Path, task: ShardTask) -> dict | None:
     except (OSError, KeyError, TypeError):
         return None
     return rec
+
+
+def committed(out: Path, tasks: Iterable[ShardTask]) -> tuple[dict[str, dict], list[ShardTask]]:
+    """The commit records an earlier run left for these shards, and the shards still to build."""
+    records: dict[str, dict] = {}
+    todo: list[ShardTask] = []
+    for t in tasks:
+        rec = valid_record(out, t)
+        if rec is not None:
+            records[t.name] = rec
+        else:
+            todo.append(t)
+    return records, todo

@@ -14,6 +14,13 @@ Each rank hashes every file it writes right after writing it (DeepSpeed's in ``S
 rank 0 gathers the digests and seals the checkpoint with them (fatscale.checkpoint), which is what
 resume verifies before loading anything (fatscale.resume).
 
+A checkpoint made by another number of ranks (a resume on more or fewer GPUs, fatscale.resume)
+loads too: its ZeRO partitions (stage 1 and 2; without ZeRO rank 0 saves the optimizer whole) are
+converted into DeepSpeed's universal checkpoint first, by rank 0 into ``OUTPUT_DIR/resharding/``
+(removed once loaded), and the engine, built with ``load_universal``, loads that for its own
+partitioning. Rank 0's loader position is every rank's (it is the step, the same on all), with the
+quarantine of every old rank; the host RNGs of a new world are seeded from the seed, rank and step.
+
 It is saved every ``checkpoint.every_steps`` steps and/or ``every_minutes`` minutes (rank 0's
 clock), at every epoch end, at the end and when the run is stopped; the newest ``keep_last`` are
 kept, plus the best raw top-1 (``keep_best``).
@@ -21,6 +28,11 @@ kept, plus the best raw top-1 (``keep_best``).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -34,11 +46,12 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from fatscale import checkpoint as ckpt
 from fatscale.config import CheckpointConfig
 from fatscale.data.loader import TrainLoader
-from fatscale.train.state import TrainState, load_rng_state_dict, rng_state_dict
+from fatscale.train.state import TrainState, load_rng_state_dict, rng_state_dict, seed_everything
 
 # Plain data classes in DeepSpeed's ZeRO optimizer states. The weights-only unpickler rebuilds
-# them by setting attributes; it calls no code named in the file.
-DEEPSPEED_STATE_CLASSES = [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+# them by setting attributes; it calls no code named in the file. Allowed for the whole process:
+# torch's safe_globals contexts do not nest (an inner one's exit drops an outer one's classes).
+torch.serialization.add_safe_globals([ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler])
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
@@ -54,8 +67,7 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
         self.written[path] = ckpt.file_record(Path(path))
 
     def load(self, path: str, map_location=None):
-        with torch.serialization.safe_globals(DEEPSPEED_STATE_CLASSES):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 class Checkpointer:
@@ -114,13 +126,24 @@ class Checkpointer:
         self.last_save, self.last_tag = time.monotonic(), tag
         return self.dir / tag
 
-    def load(self, tag: str, state: TrainState, loader: TrainLoader) -> None:
+    def load(self, tag: str, state: TrainState, loader: TrainLoader, seed: int, saved_world: int) -> None:
         """Restores the engine, EMA, loss scaler, RNG states, ``state`` and the train loader's
-        position from checkpoint ``tag``."""
-        self.engine.load_checkpoint(str(self.dir), tag=tag)
+        position from checkpoint ``tag``, made by ``saved_world`` ranks (module docstring)."""
+        world = dist.get_world_size()
+        if world != saved_world and self.engine.zero_optimization_stage() > 0:
+            self._load_resharded(tag)
+        else:
+            self.engine.load_checkpoint(str(self.dir), tag=tag)
         state.load_state_dict(ckpt.read_json(self.dir / tag / "progress.json"))
-        rank_state = ckpt.read_json(self.dir / tag / f"rank-{self.rank}.json")
-        load_rng_state_dict(rank_state["rng"])
+        ranks = [ckpt.read_json(self.dir / tag / f"rank-{r}.json") for r in range(saved_world)] \
+            if world != saved_world else None
+        rank_state = ranks[0] if ranks else ckpt.read_json(self.dir / tag / f"rank-{self.rank}.json")
+        if ranks:
+            seed_everything(seed + 1 + self.rank + 1_000_003 * state.global_step)  # this world's own streams
+            rank_state["loader"]["quarantine"] = list({json.dumps(q, sort_keys=True): q for r in ranks
+                                                       for q in r["loader"]["quarantine"]}.values())
+        else:
+            load_rng_state_dict(rank_state["rng"])
         if rank_state.get("grad_scaler"):
             self.grad_scaler.load_state_dict(rank_state["grad_scaler"])
         if self.ema is not None:
@@ -128,6 +151,48 @@ class Checkpointer:
         loader.load_state_dict(rank_state["loader"])
         self.last_save, self.last_tag = time.monotonic(), tag
 
+    def _load_resharded(self, tag: str) -> None:
+        """The ZeRO checkpoint ``tag`` of another world size, through DeepSpeed's universal format."""
+        universal = self.dir.parent / "resharding" / tag
+        if self.rank == 0:
+            to_universal(self.dir / tag, universal)
+        dist.barrier()
+        with weights_only_loads():
+            self.engine.load_checkpoint(str(universal.parent), tag=tag)
+        dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(universal.parent)
+
     def latest(self) -> Path | None:
         """The checkpoint this run last saved or resumed from (a newer one on disk may be damaged)."""
         return self.dir / self.last_tag if self.last_tag else None
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every ``torch.load`` in this block unpickles weights only, whatever its caller asks:
+    DeepSpeed's universal-checkpoint code passes ``weights_only=False``, and no code named in a
+    checkpoint file may run. (Torch's own switch, read at each load.)"""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def to_universal(checkpoint: Path, out: Path) -> None:
+    """DeepSpeed's universal checkpoint of ZeRO checkpoint ``checkpoint`` in ``out`` (replaced): every
+    parameter's optimizer state whole, for any partitioning. In this process (one worker): its
+    loads must stay weights-only."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(out, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(checkpoint), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # fatscale's checkpoints do not name TP/PP layouts
+    with weights_only_loads():
+        ds_to_universal.main(args)

@@ -11,6 +11,7 @@ import torch
 import fatscale  # noqa: F401  (registers the FAT models with timm)
 import timm
 from fatscale.config import Recipe
+from fatscale.data.sample_order import BatchLayout
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -46,39 +47,37 @@ def init_weights(recipe: Recipe, model: torch.nn.Module):
     return weights
 
 
-def global_batch(recipe: Recipe, world: int) -> int:
-    """Images per optimizer step over all ranks."""
-    return recipe.train.batch_per_device * recipe.train.grad_accum * world
-
-
-def lr_scale(recipe: Recipe, world: int) -> float:
+def lr_scale(recipe: Recipe, global_batch: int) -> float:
     """The recipe's learning rates are for a global batch of ``optim.lr_base_batch``: linear scaling."""
-    return global_batch(recipe, world) / recipe.optim.lr_base_batch
+    return global_batch / recipe.optim.lr_base_batch
 
 
-def build_optimizer(recipe: Recipe, model: torch.nn.Module, world: int) -> torch.optim.Optimizer:
+def build_optimizer(recipe: Recipe, model: torch.nn.Module, global_batch: int) -> torch.optim.Optimizer:
     """timm's AdamW param groups; torch's fused kernel when ``optim.fused`` and the model is on a GPU."""
     o = recipe.optim
     fused = o.fused and next(model.parameters()).is_cuda
-    return create_optimizer_v2(model, opt="adamw", lr=o.lr * lr_scale(recipe, world), weight_decay=o.weight_decay,
-                               betas=o.betas, eps=o.eps, layer_decay=o.layer_decay, **({"fused": True} if fused else {}))
+    return create_optimizer_v2(model, opt="adamw", lr=o.lr * lr_scale(recipe, global_batch),
+                               weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, layer_decay=o.layer_decay,
+                               **({"fused": True} if fused else {}))
 
 
-def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, world: int,
+def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, global_batch: int,
                     steps_per_epoch: int) -> CosineLRScheduler:
     """Per optimizer step (``step_update(step)``): warmup from ``warmup_lr``, cosine to ``min_lr``."""
     o = recipe.optim
     return CosineLRScheduler(optimizer, t_initial=recipe.train.epochs * steps_per_epoch,
-                             lr_min=o.min_lr * lr_scale(recipe, world), warmup_t=round(o.warmup_epochs * steps_per_epoch),
-                             warmup_lr_init=o.warmup_lr, t_in_epochs=False)
+                             lr_min=o.min_lr * lr_scale(recipe, global_batch),
+                             warmup_t=round(o.warmup_epochs * steps_per_epoch), warmup_lr_init=o.warmup_lr,
+                             t_in_epochs=False)
 
 
-def deepspeed_config(recipe: Recipe, world: int) -> dict:
+def deepspeed_config(recipe: Recipe, layout: BatchLayout, load_universal: bool = False) -> dict:
+    """``load_universal``: the checkpoint to load was resharded for this world size (fatscale.train.checkpointer)."""
     t = recipe.train
     config = {
-        "train_micro_batch_size_per_gpu": t.batch_per_device,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": global_batch(recipe, world),
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "train_batch_size": layout.global_batch,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "steps_per_print": 10**9,  # fatscale logs
@@ -86,6 +85,7 @@ def deepspeed_config(recipe: Recipe, world: int) -> dict:
         # On by default, and without a dataloader given to deepspeed.initialize the engine starts
         # and stops it in every forward and step, each a device synchronize: fatscale times itself.
         "timers": {"throughput": {"enabled": False}},
+        "checkpoint": {"load_universal": load_universal},
     }
     if t.precision != "fp32":
         # Autocast keeps fp32 master weights in the module (BatchNorm and EMA stay fp32);

@@ -79,15 +79,20 @@ class Reporter:
     def run_id(self) -> str | None:
         return self.tracker.run_id
 
-    def started(self, state: TrainState, recipe_text: str, changed: list[str], initialised_from=None) -> None:
+    def started(self, state: TrainState, recipe_text: str, changed: list[str], global_batch: int,
+                initialised_from=None) -> None:
         """A new run's parameters, datasets, description, recipe and, when fine-tuning, where its
-        weights come from (``initialised_from``, fatscale.weights.Weights); a resumed one's marks."""
+        weights come from (``initialised_from``, fatscale.weights.Weights); a resumed one's marks.
+        The world size is a metric, logged at each session's first step: a resumed run may have
+        another (params cannot change)."""
         if self.rank != 0:
             return
         r, output_dir = self.recipe, Path(self.recipe.output_dir)
+        self.tracker.log_metrics({"world_size": self.world, "gpus": self.world if self.on_gpu else 0},
+                                 state.global_step)
         if state.mlflow_run_id is None:
             params = flatten(to_dict(r))
-            params.update(world_size=self.world, gpus=self.world if self.on_gpu else 0)
+            params.update(global_batch=global_batch)
             self.tracker.log_params(params)
             self.tracker.log_manifest(self.manifest, r.data.shards)
             splits = self.manifest.splits
@@ -179,7 +184,7 @@ class Reporter:
         tracker.set_tags({NOTE_TAG: (
             f"**top-1 {summary['top1']:.2f}%**{ema_text} on {val}: {r.model.name} trained on {self.data_name}/train "
             f"({self.manifest.splits['train'].num_samples} images, {self.manifest.num_classes} classes) for "
-            f"{state.epoch} epochs ({step} steps){throughput}, {state.elapsed_s * self.world / 3600:.3f} device-hours "
+            f"{state.epoch} epochs ({step} steps){throughput}, {state.device_s / 3600:.3f} device-hours "
             f"on {self.devices}.{by_size}")})
         log_file = Path(r.output_dir) / "train.log"
         if log_file.exists():

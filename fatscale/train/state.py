@@ -13,13 +13,15 @@ import torch
 @dataclass
 class TrainState:
     """Where the run is. Saved in every checkpoint's ``progress.json`` (rank 0) and restored on
-    resume; ``elapsed_s`` counts the wall time of every session so far, for device-hours."""
+    resume; ``elapsed_s`` counts the wall time of every session so far, ``device_s`` the same times
+    the ranks of each session (device-hours, also across a change of world size)."""
 
     epoch: int = 0  # epochs completed
     global_step: int = 0  # optimizer steps completed
     best_top1: float = -1.0  # the best raw-model val top-1 so far (-1: none yet)
     mlflow_run_id: str | None = None
     elapsed_s: float = 0.0
+    device_s: float = 0.0
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -17,12 +17,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import yaml
 
 import deepspeed
 from fatscale import resume
 from fatscale.config import Recipe, flatten
+from fatscale.data import ledger
+from fatscale.data.ledger import SampleLedger
 from fatscale.data.loader import TrainLoader, ValLoader
 from fatscale.data.manifest import load_manifest
 from fatscale.export import export
@@ -81,6 +84,13 @@ class Trainer:
         manifest = load_manifest(recipe.data.shards)
         num_classes = recipe.model.num_classes or manifest.num_classes
         resumed = resume.check_output_dir_on_rank_0(recipe, manifest, self.world, self.rank)  # before any state is built
+        progress = None if resumed is None else {**resumed[1], "checkpoint": resumed[0]}
+        # The run's global batch on this world (fatscale.resume): the recipe's, or the checkpoint's
+        self.layout = resume.layout(recipe, self.world, progress)
+        saved_world = self.world if progress is None else progress["resume_identity"]["world_size"]
+        if self.rank == 0 and (self.layout.micro_batch, self.layout.grad_accum) != (t.batch_per_device, t.grad_accum):
+            made_by = "" if progress is None else f" (the checkpoint's: {saved_world})"
+            log.info("%d ranks%s: %s", self.world, made_by, self.layout.describe())
 
         seed_everything(recipe.seed)  # identical initial weights on every rank
         model = components.build_model(recipe, num_classes, self.world, self.device).to(self.device)
@@ -93,9 +103,10 @@ class Trainer:
         # it only evaluates, eagerly.
         self.ema = ModelEmaV3(model, decay=recipe.ema.decay, use_warmup=recipe.ema.warmup) \
             if recipe.ema.enabled else None
-        self.optimizer = components.build_optimizer(recipe, model, self.world)
+        self.optimizer = components.build_optimizer(recipe, model, self.layout.global_batch)
+        resharding = saved_world != self.world and t.zero_stage > 0  # fatscale.train.checkpointer
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer,
-                                               config=components.deepspeed_config(recipe, self.world))
+                                               config=components.deepspeed_config(recipe, self.layout, resharding))
         if recipe.model.compile:
             self.engine.compile(backend=recipe.model.compile_backend)
         self.loss_fn = components.build_loss(recipe)
@@ -103,8 +114,9 @@ class Trainer:
         self.checkpointer = Checkpointer(recipe.checkpoint, output_dir / "checkpoints", self.engine,
                                          self.ema.module if self.ema is not None else None, self.grad_scaler, self.rank)
 
-        self.train_loader = TrainLoader(manifest, recipe.data, recipe.aug, t.batch_per_device, self.rank, self.world,
-                                        num_classes, self.device, seed=recipe.seed)
+        self.train_loader = TrainLoader(manifest, recipe.data, recipe.aug, self.layout.micro_batch, self.rank,
+                                        self.world, num_classes, self.device, seed=recipe.seed,
+                                        grad_accum=self.layout.grad_accum)
         # The recipe's eval size first (its top-1 is val/top1), then data.eval_sizes.
         self.val_loaders = {size: ValLoader(manifest, recipe.data, t.val_batch_per_device, self.rank, self.world,
                                             self.device, img_size=size)
@@ -112,20 +124,21 @@ class Trainer:
         self.state, changed = TrainState(), []
         if resumed is not None:
             checkpoint, progress = resumed
-            self.checkpointer.load(checkpoint.name, self.state, self.train_loader)
+            self.checkpointer.load(checkpoint.name, self.state, self.train_loader, recipe.seed, saved_world)
             changed = recipe_changes(progress["recipe"], recipe_text)
             if self.rank == 0:
                 log.info("resuming from %s (epoch %d, step %d)", checkpoint, self.state.epoch, self.state.global_step)
         else:
             seed_everything(recipe.seed + 1 + self.rank)  # per-rank streams for drop path, erasing, Mixup
-        self.checkpointer.identity = dict(resume_identity=resume.identity(recipe, manifest, self.world),
-                                          recipe=recipe_text)
-        steps_per_epoch = len(self.train_loader) // t.grad_accum
+        self.checkpointer.identity = dict(recipe=recipe_text, resume_identity={
+            **resume.identity(recipe, manifest), "global_batch": self.layout.global_batch, "world_size": self.world})
+        self.ledger = self._open_ledger() if t.sample_log else None
+        steps_per_epoch = self.train_loader.steps_per_epoch
         self.total_steps = min(t.epochs * steps_per_epoch, t.max_steps or t.epochs * steps_per_epoch)
-        self.scheduler = components.build_scheduler(recipe, self.optimizer, self.world, steps_per_epoch)
+        self.scheduler = components.build_scheduler(recipe, self.optimizer, self.layout.global_batch, steps_per_epoch)
         self.scheduler.step_update(self.state.global_step)
         self.reporter = Reporter(recipe, manifest, self.state, self.rank, local_rank, self.world, self.device)
-        self.reporter.started(self.state, recipe_text, changed, initialised_from)
+        self.reporter.started(self.state, recipe_text, changed, self.layout.global_batch, initialised_from)
         self.metrics: dict[str, float] = {}  # of the last evaluation
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # a micro-step's loss, since the last step
         self.vote = StepVote(self.device)
@@ -133,7 +146,7 @@ class Trainer:
         self._last_size = None  # the train size last logged
         self.watchdog = Watchdog(self.rank, self.world, t.stall_timeout_s, on_stall)
         self.session_start, self.session_step = time.monotonic(), self.state.global_step
-        self.elapsed_before = self.state.elapsed_s  # the sessions before this one
+        self.elapsed_before, self.device_before = self.state.elapsed_s, self.state.device_s  # the sessions before this one
         self.train_seconds = 0.0  # in this session's epochs, for images/s
 
     # ------------------------------------------------------------ the loop
@@ -174,11 +187,18 @@ class Trainer:
         if self.rank == 0 and self.train_loader.img_size != self._last_size:
             log.info("epoch %d: training at %d px", self.state.epoch, self.train_loader.img_size)
             self._last_size = self.train_loader.img_size
+        step_samples = []  # of the step being accumulated, for the sample ledger
         for images, targets in self._timed(self.train_loader):
+            if self.ledger is not None:
+                step_samples.append(self.train_loader.indices)
             loss, grad_norm = self.train_step(images, targets)
             if loss is None:
                 continue  # accumulating gradients
             step = self.state.global_step
+            if self.ledger is not None:
+                self.ledger.record(step, self.train_loader.state.epoch,
+                                   self.train_loader.keys(np.concatenate(step_samples)))
+                step_samples = []
             # One collective per step, read a step later (StepVote): divergence on any rank, a stop
             # request (signal) on any rank, and rank 0's clock for time-based saves.
             self.watchdog.enter("a collective (the step's vote)", step)
@@ -282,13 +302,15 @@ class Trainer:
             for size in self.val_loaders:
                 summary[f"top1_{size}px"] = self.metrics[f"val/top1_{size}px"]
         steps = self.state.global_step - self.session_step
-        images_per_s = steps * components.global_batch(self.recipe, self.world) / self.train_seconds if steps else None
+        images_per_s = steps * self.layout.global_batch / self.train_seconds if steps else None
         self._count_elapsed()
         exported = export(Path(self.recipe.output_dir)) if self.rank == 0 else []
         self.reporter.finished(self.state, summary, self.metrics, exported, images_per_s)
         return summary
 
     def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
         torch.distributed.barrier()
         if self.run_lock is not None:
             self.run_lock.release()
@@ -296,7 +318,16 @@ class Trainer:
     # ------------------------------------------------------------ helpers
 
     def _count_elapsed(self) -> None:
-        self.state.elapsed_s = self.elapsed_before + time.monotonic() - self.session_start
+        session = time.monotonic() - self.session_start
+        self.state.elapsed_s = self.elapsed_before + session
+        self.state.device_s = self.device_before + session * self.world
+
+    def _open_ledger(self) -> SampleLedger:
+        """This rank's sample ledger, after rank 0 cut every rank's file back to this run's step."""
+        if self.rank == 0:
+            ledger.cut_back(Path(self.recipe.output_dir), self.state.global_step)
+        torch.distributed.barrier()
+        return SampleLedger(Path(self.recipe.output_dir), self.rank)
 
     def _timed(self, loader: TrainLoader):
         """The loader's batches, each with the time spent waiting for it reported."""
