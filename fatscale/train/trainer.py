@@ -25,7 +25,6 @@ import deepspeed
 from fatscale import resume
 from fatscale.config import Recipe, flatten
 from fatscale.data import ledger
-from fatscale.data.ledger import SampleLedger
 from fatscale.data.loader import TrainLoader, ValLoader
 from fatscale.data.manifest import load_manifest
 from fatscale.export import export
@@ -322,12 +321,12 @@ class Trainer:
         self.state.elapsed_s = self.elapsed_before + session
         self.state.device_s = self.device_before + session * self.world
 
-    def _open_ledger(self) -> SampleLedger:
+    def _open_ledger(self) -> ledger.SampleLedger:
         """This rank's sample ledger, after rank 0 cut every rank's file back to this run's step."""
         if self.rank == 0:
             ledger.cut_back(Path(self.recipe.output_dir), self.state.global_step)
         torch.distributed.barrier()
-        return SampleLedger(Path(self.recipe.output_dir), self.rank)
+        return ledger.SampleLedger(Path(self.recipe.output_dir), self.rank)
 
     def _timed(self, loader: TrainLoader):
         """The loader's batches, each with the time spent waiting for it reported."""
