@@ -71,11 +71,11 @@ def main() -> None:
     import fatscale  # noqa: F401 (first: registers the models, and timm's torchvision imports after it)
     import deepspeed
 
-    from fatscale import checkpoint as ckpt
+    from fatscale.checkpoint import layout as ckpt
     from fatscale.config import CheckpointConfig
-    from fatscale.resume import intact_checkpoint
-    from fatscale.train.checkpointer import Checkpointer
-    from fatscale.train.state import TrainState
+    from fatscale.checkpoint.resume import intact_checkpoint
+    from fatscale.checkpoint.checkpointer import Checkpointer
+    from fatscale.checkpoint.state import TrainState
 
     deepspeed.init_distributed(dist_backend="gloo")
     root = Path(tempfile.mkdtemp(dir=args.dir, prefix="checkpoint-speed-"))
@@ -87,14 +87,15 @@ def main() -> None:
         for name in args.models:
             engine, ema = engine_for(name)
             times = {"plain": [], "hashed": []}
-            checkpointer = Checkpointer(CheckpointConfig(keep_last=1), root / name, engine, ema, None, rank=0)
-            step = 0
+            state = TrainState()
+            checkpointer = Checkpointer(CheckpointConfig(keep_last=1), root / name, 0, engine=engine, state=state,
+                                        loader=StubLoader(), identity={}, ema=ema)
             for _ in range(args.repeats):
                 for kind in ("plain", "hashed"):
                     ckpt.hashlib = NoHashlib if kind == "plain" else real_hashlib
-                    step += 1
+                    state.global_step += 1
                     start = time.perf_counter()
-                    folder = checkpointer.save(TrainState(global_step=step), StubLoader())
+                    folder = checkpointer.save()
                     times[kind].append(time.perf_counter() - start)
             ckpt.hashlib = real_hashlib
             size = sum(p.stat().st_size for p in folder.iterdir()) / 1e6

@@ -7,10 +7,12 @@ the new one, never part of one; a crash leaves at most the temporary file, which
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 _TEMPORARY = re.compile(r"^\..+\.\d+\.tmp$")
 
@@ -54,3 +56,11 @@ def replacing(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
 def write_atomic(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
     with replacing(path, fsync) as tmp:
         tmp.write_bytes(data)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, fsync: bool = True, sort_keys: bool = False) -> bytes:
+    """Write ``obj`` as JSON (indent 1, UTF-8, a final newline) to ``path``, atomically; returns the
+    bytes written (a checkpoint's seal hashes them)."""
+    data = (json.dumps(obj, indent=1, sort_keys=sort_keys) + "\n").encode("utf-8")
+    write_atomic(path, data, fsync)
+    return data

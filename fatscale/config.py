@@ -5,11 +5,12 @@
 Sections (every key optional except where a default cannot exist: ``model.name``, ``data.shards``
 and ``train.epochs``): ``model``, ``data``, ``aug``, ``train``, ``optim``, ``ema``,
 ``checkpoint``, ``tracking``, ``slurm``, and top-level ``output_dir``, ``seed``; ``data.resolution``
-is a section within ``data`` (``--set data.resolution.start=128``). The schema is the
-dataclasses below: each key is a ``setting`` with its default and the check its value must pass,
-side by side; a section's checks across keys are its ``_check_together``. Every section checks
-itself when it is made, so a ``DataConfig`` or ``AugConfig`` in hand is a valid one. Unknown keys,
-wrong types and out-of-range values fail with one line naming the file and key.
+is a section within ``data`` (``--set data.resolution.start=128``). Each section is a dataclass
+of fatscale.schema ``setting``s (default and check side by side) and sits beside the component it
+configures where that component has a home of its own (``data``/``aug``: fatscale.data.config);
+this module assembles them into the ``Recipe`` and reads files. Unknown keys, wrong types and
+out-of-range values fail with one line naming the file and key; the checks that read the disk
+(shards, weights, world sizes) are fatscale.preflight's.
 
 Importing this module imports neither torch, timm nor DALI: a ``model.name`` that is not one of
 fatscale's own variants (fatscale.variants) is looked up in timm, which only then is imported.
@@ -19,67 +20,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import re
 import sys
-import types
-import typing
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import yaml
 
-from fatscale.data.manifest import Manifest, ManifestError, load_manifest
-from fatscale.data.rand_augment_spec import WARP_INTERP_NAMES, RandAugmentSpec
+from fatscale.data.config import AugConfig, DataConfig
+from fatscale.preflight import check_data, check_init_from
+from fatscale.schema import (BELOW_ONE, NON_NEGATIVE, POSITIVE, SchemaError, Section, at_least, build, must,
+                             setting)
 from fatscale.variants import VARIANTS
 
 
-class RecipeError(ValueError):
-    """A recipe or override that cannot be used (one-line message naming file and key)."""
-
-
-# A check: what is wrong with a value (the message after "key: "), or None when it is fine.
-Check = Callable[[Any], "str | None"]
-
-
-def must(test: Callable[[Any], bool], what: str) -> Check:
-    return lambda value: None if test(value) else f"must be {what}, got {value!r}"
-
-
-def at_least(low: int) -> Check:
-    return must(lambda v: v >= low, f"at least {low}")
-
-
-POSITIVE = must(lambda v: v > 0, "positive")
-NON_NEGATIVE = must(lambda v: v >= 0, "non-negative")
-PROBABILITY = must(lambda v: 0 <= v <= 1, "a probability")
-BELOW_ONE = must(lambda v: 0 <= v < 1, "in [0, 1)")
-
-
-def setting(default: Any = dataclasses.MISSING, check: Check | None = None, *, factory: Any = dataclasses.MISSING):
-    """A recipe key: its default (none given: required) and the check its value must pass once its
-    type is right. None, where the type allows it, means "not set" and is not checked."""
-    return dataclasses.field(default=default, default_factory=factory, metadata={"check": check} if check else {})
-
-
-class _Section:
-    """A recipe section: checks each key against its ``setting`` check when made, then the
-    section's ``_check_together``. Messages name the key within the section; ``_build`` adds the
-    section's path."""
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            check, value = f.metadata.get("check"), getattr(self, f.name)
-            if check is not None and value is not None:
-                problem = check(value)
-                if problem:
-                    raise RecipeError(f"{f.name}: {problem}")
-        self._check_together()
-
-    def _check_together(self) -> None:
-        """Checks across the section's keys (RecipeError)."""
+# A recipe's problems are the schema's: one class, so a section made by hand raises what a file does.
+RecipeError = SchemaError
 
 
 def slurm_minutes(limit: str) -> int | None:
@@ -106,22 +63,11 @@ def _model_name(name: str) -> str | None:
     return None if timm.is_model(name) else f"must be a timm model ({VARIANTS[0]} .. {VARIANTS[-1]}), got {name!r}"
 
 
-def _rand_augment(config: str) -> str | None:
-    if not config:  # "" is off, as null is
-        return None
-    try:
-        RandAugmentSpec(config)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-DECODE_DEVICES = ("auto", "mixed", "cpu")
 STAGES = 4  # of every FAT variant
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = setting(check=_model_name)
     num_classes: int | None = setting(None, POSITIVE)  # None: the number of classes in the shards' manifest
     drop_path: float | None = setting(None, BELOW_ONE)  # None: the variant's (fatscale.variants: .05/.1/.1/.15)
@@ -143,99 +89,8 @@ class ModelConfig(_Section):
                                                     "inductor, aot_eager or eager"))
 
 
-MIN_IMG_SIZE = 32  # FAT's smallest input (every conv pads k//2; stride-2 ones round odd sizes up)
-
-
 @dataclass(frozen=True)
-class ResolutionConfig(_Section):
-    """Progressive resolution (the recipe's ``data.resolution``): the train crop size of each epoch.
-    Epochs before ``ramp[0]`` train at ``start``, epochs from ``ramp[1]`` on at ``end``, the ones
-    between at the linear ramp from one to the other rounded to the nearest multiple of ``step``
-    (halves up); epochs count from 0, as ``TrainLoader.state.epoch`` does. ``ramp[0] == ramp[1]``
-    is a switch from ``start`` to ``end`` at that epoch; ``end`` below ``start`` ramps down."""
-
-    start: int = setting(check=at_least(MIN_IMG_SIZE))
-    end: int = setting(check=at_least(MIN_IMG_SIZE))
-    ramp: tuple[int, int] = setting(check=must(lambda v: 0 <= v[0] <= v[1], "[first, last] epochs, 0 <= first <= last"))
-    step: int = setting(32, POSITIVE)
-
-    def _check_together(self) -> None:
-        for name in ("start", "end"):  # then every size of the ramp is a multiple of step in [start, end]
-            if getattr(self, name) % self.step:
-                raise RecipeError(f"{name}: must be a multiple of data.resolution.step ({self.step}), "
-                                  f"got {getattr(self, name)}")
-
-    def train_size(self, epoch: int) -> int:
-        """The train crop size of ``epoch`` (0-based)."""
-        first, last = self.ramp
-        if epoch < first:
-            return self.start
-        if epoch >= last:
-            return self.end
-        size = Fraction(self.start) + Fraction((self.end - self.start) * (epoch - first), last - first)
-        return math.floor(size / self.step + Fraction(1, 2)) * self.step
-
-
-def _eval_sizes(sizes: tuple[int, ...]) -> str | None:
-    if any(size < MIN_IMG_SIZE for size in sizes):
-        return f"must be sizes of at least {MIN_IMG_SIZE}, got {list(sizes)!r}"
-    if len(set(sizes)) < len(sizes):
-        return f"must be distinct sizes, got {list(sizes)!r}"
-    return None
-
-
-@dataclass(frozen=True)
-class DataConfig(_Section):
-    """Where the shards are and how the loader runs (the recipe's ``data`` section)."""
-
-    shards: str
-    img_size: int = setting(224, at_least(MIN_IMG_SIZE))  # eval size; the train size too without resolution
-    resolution: ResolutionConfig | None = None  # None: every epoch trains at img_size
-    eval_sizes: tuple[int, ...] = setting((), _eval_sizes)  # more eval sizes, besides img_size (e.g. [256])
-    crop_pct: float = setting(0.875, must(lambda v: 0 < v <= 1, "in (0, 1]"))
-    num_threads: int = setting(4, at_least(1))
-    decode_device: str = setting("auto", must(lambda v: v in DECODE_DEVICES, "auto, mixed or cpu"))
-    # Python processes per rank that read train samples from the shards for DALI (fatscale.data.shard_samples)
-    reader_workers: int = setting(1, at_least(1))
-    prefetch: int = setting(2, at_least(1))
-    channels_last: bool = True
-
-    def _check_together(self) -> None:
-        if self.img_size in self.eval_sizes:
-            raise RecipeError(f"eval_sizes: {self.img_size} is data.img_size, evaluated already: list only the "
-                              f"other sizes, got {list(self.eval_sizes)!r}")
-
-    def train_size(self, epoch: int) -> int:
-        """The train crop size of ``epoch`` (0-based): ``resolution``'s, else ``img_size``."""
-        return self.img_size if self.resolution is None else self.resolution.train_size(epoch)
-
-    @property
-    def val_sizes(self) -> tuple[int, ...]:
-        """The sizes to evaluate at: ``img_size`` first, then ``eval_sizes``."""
-        return (self.img_size, *self.eval_sizes)
-
-
-@dataclass(frozen=True)
-class AugConfig(_Section):
-    """Train-time augmentation (the recipe's ``aug`` section); FAT's official setup by default."""
-
-    scale: tuple[float, float] = setting((0.08, 1.0), must(lambda v: 0 < v[0] <= v[1] <= 1, "0 < min <= max <= 1"))
-    ratio: tuple[float, float] = setting((3 / 4, 4 / 3), must(lambda v: 0 < v[0] <= v[1], "0 < min <= max"))
-    hflip: float = setting(0.5, PROBABILITY)
-    rand_augment: str | None = setting("rand-m9-mstd0.5-inc1", _rand_augment)  # timm's rand-* strings
-    rand_augment_interp: str = setting(  # its rotate/shear/translate: auto | nearest | linear
-        "auto", must(lambda v: v == "auto" or v in WARP_INTERP_NAMES, "auto, nearest or linear"))
-    color_jitter: float = setting(0.4, NON_NEGATIVE)  # as in timm: used only when rand_augment is off
-    reprob: float = setting(0.25, PROBABILITY)
-    mixup: float = setting(0.8, NON_NEGATIVE)
-    cutmix: float = setting(1.0, NON_NEGATIVE)
-    mixup_prob: float = setting(1.0, PROBABILITY)
-    mixup_switch_prob: float = setting(0.5, PROBABILITY)
-    label_smoothing: float = setting(0.1, BELOW_ONE)
-
-
-@dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     epochs: int = setting(check=at_least(1))
     batch_per_device: int = setting(128, at_least(1))
     val_batch_per_device: int = setting(256, at_least(1))
@@ -269,7 +124,7 @@ class TrainConfig(_Section):
 
 
 @dataclass(frozen=True)
-class OptimConfig(_Section):
+class OptimConfig(Section):
     lr: float = setting(5e-4, POSITIVE)  # for a global batch of lr_base_batch; scaled linearly
     lr_base_batch: int = setting(512, at_least(1))
     weight_decay: float = setting(0.05, NON_NEGATIVE)  # none on norms, biases and other 1-D parameters
@@ -285,14 +140,14 @@ class OptimConfig(_Section):
 
 
 @dataclass(frozen=True)
-class EmaConfig(_Section):
+class EmaConfig(Section):
     enabled: bool = True
     decay: float = setting(0.9998, must(lambda v: 0 < v < 1, "in (0, 1)"))
     warmup: bool = False  # timm ModelEmaV3's decay warmup
 
 
 @dataclass(frozen=True)
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     every_steps: int | None = setting(None, at_least(1))
     every_minutes: float | None = setting(30.0, POSITIVE)
     keep_last: int = setting(2, at_least(1))
@@ -300,7 +155,7 @@ class CheckpointConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in output_dir
     experiment: str = "fatscale"
     run_name: str | None = None  # None: the recipe file's stem
@@ -317,7 +172,7 @@ def _node_range(nodes: int | str) -> tuple[int, int] | None:
 
 
 @dataclass(frozen=True)
-class SlurmConfig(_Section):
+class SlurmConfig(Section):
     # N, or MIN-MAX: Slurm starts the job on as many as it has (each start and requeue may differ)
     nodes: int | str = setting(1, must(lambda v: _node_range(v) is not None, "a node count or a range MIN-MAX (e.g. 2-4)"))
     gpus_per_node: int = setting(8, NON_NEGATIVE)
@@ -348,7 +203,7 @@ class SlurmConfig(_Section):
 
 
 @dataclass(frozen=True)
-class Recipe(_Section):
+class Recipe(Section):
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
@@ -368,91 +223,6 @@ class Recipe(_Section):
         if resolution is not None and resolution.ramp[1] >= epochs:
             raise RecipeError(f"data.resolution.ramp: ends at epoch {resolution.ramp[1]}, not before train.epochs "
                               f"{epochs} (epochs 0..{epochs - 1}): data.resolution.end {resolution.end} is never reached")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-_EXPONENT_NUMBER = re.compile(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+")
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    """``value`` as type ``tp`` (dataclass, Optional, Literal, tuple, scalar), or RecipeError."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
-        return _build(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, where)
-            except RecipeError as e:
-                errors.append(str(e))
-        raise RecipeError(errors[0]) if len(errors) == 1 else RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp) or isinstance(value, bool) != any(isinstance(a, bool) for a in typing.get_args(tp)):
-            choices = ", ".join(repr(a) for a in typing.get_args(tp))
-            raise RecipeError(f"{where}: expected one of {choices}, got {value!r}")
-        return value
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise RecipeError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
-            return float(value)  # YAML 1.1 (PyYAML) reads 5e-4, without a dot, as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"recipe schema: unsupported type {tp} at {where}")
-
-
-def _build(cls: type, values: dict, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise RecipeError(f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(fields)})")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{where}.{name}" if where else name
-        if name in values:
-            kwargs[name] = _convert(values[name], hints[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            if dataclasses.is_dataclass(hints[name]):
-                kwargs[name] = _convert({}, hints[name], key)
-            else:
-                raise RecipeError(f"{key}: required")
-    try:
-        return cls(**kwargs)
-    except RecipeError as e:  # the section's own checks name the key within it
-        raise RecipeError(f"{where}.{e}" if where else str(e)) from None
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -479,7 +249,7 @@ def resolve(raw: dict, source: str, overrides: list[str] = ()) -> Recipe:
             node = child
         node[path[-1]] = value
     try:
-        return _build(Recipe, raw, "")  # every section checks itself as it is made
+        return build(Recipe, raw)  # every section checks itself as it is made
     except RecipeError as e:
         raise RecipeError(f"{source}: {e}") from None
 
@@ -501,51 +271,8 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_shards: bool 
         recipe = dataclasses.replace(recipe, tracking=dataclasses.replace(recipe.tracking, run_name=path.stem))
     if check_shards:
         check_data(recipe, str(path))
-        source = recipe.model.init_from  # its contents are checked where it is loaded (fatscale.weights)
-        if source and not (source.startswith("models:/") or Path(source).exists()):
-            raise RecipeError(f"{path}: model.init_from: no such file or directory {source!r} (a run's output "
-                              f"directory, a checkpoint, an exported timm folder, a weights file or models:/NAME/VERSION)")
+        check_init_from(recipe, str(path))
     return recipe
-
-
-def check_data(recipe: Recipe, source: str) -> None:
-    """The shard directory exists and holds a valid manifest with train and val splits."""
-    shards = Path(recipe.data.shards)
-    if not shards.is_dir():
-        raise RecipeError(f"{source}: data.shards: no such directory {str(shards)!r}")
-    try:
-        manifest = load_manifest(shards)
-    except ManifestError as e:
-        raise RecipeError(f"{source}: data.shards: {e}") from None
-    for split in ("train", "val"):
-        if split not in manifest.splits:
-            raise RecipeError(f"{source}: data.shards: {shards} has no {split} split")
-    num_classes = recipe.model.num_classes
-    if num_classes is not None and num_classes < manifest.num_classes:
-        raise RecipeError(f"{source}: model.num_classes: {num_classes} is fewer than the {manifest.num_classes} "
-                          f"classes of data.shards {shards} (labels up to {manifest.num_classes - 1})")
-
-
-def check_world(recipe: Recipe, manifest: Manifest, world_size: int, source: str) -> None:
-    """The recipe trains at least one step per epoch on ``world_size`` ranks (for launchers, which
-    know the world size; the trainer checks it again)."""
-    from fatscale.data.sample_order import BatchLayout, LayoutError
-
-    t = recipe.train
-    train_samples = manifest.splits["train"].num_samples
-    if t.global_batch is None:
-        global_batch = t.batch_per_device * t.grad_accum * world_size
-        what = (f"train.batch_per_device: {t.batch_per_device} x train.grad_accum {t.grad_accum} on each of "
-                f"{world_size} ranks is a global batch of {global_batch}")
-    else:
-        global_batch, what = t.global_batch, f"train.global_batch: {t.global_batch}"
-        try:
-            BatchLayout.for_world(global_batch, world_size, t.batch_per_device)
-        except LayoutError as e:
-            raise RecipeError(f"{source}: train.global_batch: {e}") from None
-    if train_samples < global_batch:
-        raise RecipeError(f"{source}: {what} train samples per step, data.shards has {train_samples}: zero steps "
-                          "per epoch")
 
 
 def to_dict(recipe: Recipe) -> dict:

@@ -37,18 +37,18 @@ import json
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fatscale.atomic import write_atomic
-from fatscale.config import MIN_IMG_SIZE
+from fatscale.data.config import MIN_IMG_SIZE
+from fatscale.tracking import runs
 
 if TYPE_CHECKING:
     import torch
 
-    from fatscale.config import DataConfig
+    from fatscale.data.config import DataConfig
     from fatscale.data.manifest import Manifest
     from fatscale.weights import Weights
 
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    from fatscale.config import DataConfig, resolve
+    from fatscale.config import resolve
+    from fatscale.data.config import DataConfig
     from fatscale.data.manifest import load_manifest
     from fatscale.weights import build_model, weights_to_evaluate
 
@@ -225,17 +226,11 @@ def run_target(weights: Weights, source: str) -> RunTarget:
     if weights.run_id is None or weights.tracking_uri is None:
         raise UsageError(f"--log-to-run: {source} names no MLflow run (a run's output directory, a checkpoint or a "
                          f"models:/ URI does)")
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(weights.tracking_uri)
     try:
-        client.get_run(weights.run_id)
-        steps = [m.step for m in client.get_metric_history(weights.run_id, "val/top1")]
-    except MlflowException as e:
-        raise UsageError(f"--log-to-run: MLflow run {weights.run_id} at {weights.tracking_uri}: "
-                         f"{str(e).splitlines()[0]}") from None
-    return RunTarget(weights.tracking_uri, weights.run_id, max(steps, default=0))
+        step = runs.last_step(weights.tracking_uri, weights.run_id, "val/top1")
+    except runs.MlflowError as e:
+        raise UsageError(f"--log-to-run: MLflow run {weights.run_id} at {weights.tracking_uri}: {e}") from None
+    return RunTarget(weights.tracking_uri, weights.run_id, step)
 
 
 # ------------------------------------------------------------------ evaluating
@@ -403,18 +398,11 @@ def metric_keys(plan: Plan, result: Result) -> dict[str, float]:
 
 
 def log_to_run(plan: Plan, target: RunTarget, results: list[Result], files: list[Path]) -> str:
-    """The figures at the run's last step and the files under ``evaluation/``. Through MLflow's
-    client, not fatscale.tracking's Tracker: that one resumes its run (RUNNING) and ends it, and a
-    finished run's status and end time must stay."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    client, timestamp = MlflowClient(target.tracking_uri), int(time.time() * 1000)
+    """The figures at the run's last step and the files under ``evaluation/`` (the run keeps its
+    status and end time)."""
     metrics = {key: value for r in results for key, value in metric_keys(plan, r).items()}
-    client.log_batch(target.run_id, [Metric(key, value, timestamp, target.step) for key, value in metrics.items()])
     artifact_path = "evaluation" if plan.split == "val" else f"evaluation/{plan.split}"
-    for path in files:
-        client.log_artifact(target.run_id, str(path), artifact_path)
+    runs.add_to_run(target.tracking_uri, target.run_id, metrics, target.step, files, artifact_path)
     return f"logged to MLflow run {target.run_id} at step {target.step} ({target.tracking_uri}): {len(metrics)} metrics"
 
 

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING
 import yaml
 
 import fatscale
-from fatscale import checkpoint as ckpt
+from fatscale.checkpoint import layout as ckpt
 from fatscale.data.manifest import ManifestError, load_manifest
+from fatscale.tracking.runs import download_model
 
 if TYPE_CHECKING:  # torch and timm are imported where used: --help answers at once
     import torch
@@ -103,11 +104,8 @@ def load_mlflow_model(model_uri: str, dst_path: str | None = None) -> torch.nn.M
     MLflow's own ``load_model`` functions do. Its files are downloaded (to ``dst_path``, default a
     temporary directory); the weights load from safetensors."""
     import timm
-    from mlflow.artifacts import download_artifacts
-    from mlflow.models import Model
 
-    local = Path(download_artifacts(artifact_uri=model_uri, dst_path=dst_path))
-    flavors = Model.load(str(local)).flavors
+    local, flavors = download_model(model_uri, dst_path)
     if FLAVOR not in flavors:
         raise ValueError(f"{model_uri} is not a fatscale model: its MLmodel has the flavors {sorted(flavors)}, "
                          f"not {FLAVOR!r}")

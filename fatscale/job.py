@@ -58,7 +58,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         cpus = len(os.sched_getaffinity(0))
         torch.set_num_threads(cpus)
         from fatscale.config import RecipeError, resolve
-        from fatscale.resume import ResumeMismatch
+        from fatscale.checkpoint.resume import ResumeMismatch
         from fatscale.run_lock import RunDirBusy
         from fatscale.train.logs import setup_logging
         from fatscale.train.trainer import Interrupted, TrainingDiverged, train
@@ -130,7 +130,7 @@ def join_sweep(sweep_dir: str) -> None:
     """A point's new MLflow run becomes a child of the sweep's parent run, when there is one yet
     (else the first summary update tags it)."""
     from fatscale.sweep import parent_run_id
-    from fatscale.tracking import PARENT_RUN_ENV
+    from fatscale.tracking.tags import PARENT_RUN_ENV
 
     parent = parent_run_id(sweep_dir)
     if parent is not None:

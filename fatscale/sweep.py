@@ -46,9 +46,9 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from fatscale import checkpoint as ckpt
+from fatscale.checkpoint import layout as ckpt
 from fatscale.atomic import write_atomic
-from fatscale.tracking import NOTE_TAG
+from fatscale.tracking.tags import NOTE_TAG
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ def ensure_parent_run(sweep: Sweep, sweep_dir: Path) -> str:
     """The sweep's parent run, created (and recorded in sweep.json) if it is not yet; the caller
     holds the lock. Raises what MLflow raises."""
     if sweep.parent_run_id is None:
-        from fatscale.tracking import create_parent_run
+        from fatscale.tracking.runs import create_parent_run
 
         sweep.parent_run_id = create_parent_run(
             sweep.uri, sweep.experiment, sweep.run_name, parent_params(sweep),
@@ -351,7 +351,7 @@ def update_summary(sweep_dir: Path) -> list[PointStatus]:
     """summary.csv and the parent run (created if needed): its summary artifact, the best point's
     top-1, its points' runs tagged as its children, FINISHED once every point is. Returns the
     statuses; raises what MLflow raises (summary.csv is written before)."""
-    from fatscale.tracking import update_parent_run
+    from fatscale.tracking.runs import update_parent_run
 
     sweep_dir = Path(sweep_dir)
     with locked(sweep_dir):

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from fatscale import checkpoint as ckpt
-from fatscale.tracking import tracking_uri
+from fatscale.checkpoint import layout as ckpt
+from fatscale.tracking import runs
+from fatscale.tracking.uri import tracking_uri
 
 if TYPE_CHECKING:  # torch, timm and MLflow are imported where used
     import torch
@@ -144,7 +145,7 @@ def load_into(model: torch.nn.Module, model_name: str, weights: Weights) -> bool
 
 
 def _from_output_dir(output_dir: Path, ema: bool) -> Weights:
-    from fatscale.resume import NoIntactCheckpoint, intact_checkpoint
+    from fatscale.checkpoint.resume import NoIntactCheckpoint, intact_checkpoint
 
     checkpoint_dir = output_dir / "checkpoints"
     try:
@@ -221,20 +222,11 @@ def _from_file(path: Path) -> Weights:
 
 
 def _from_registry(uri: str, tracking_uri: str | None) -> Weights:
-    import mlflow
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
-
-    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
-    name, alias = uri.removeprefix("models:/").partition("@")[::2]
-    name, version = name.partition("/")[::2]
-    try:  # through the client: download_artifacts("models:/...") would ask MLflow's default registry
-        client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        registered = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-        location = client.get_model_version_download_uri(name, registered.version)
-        local = Path(download_artifacts(artifact_uri=location, tracking_uri=tracking_uri))
-    except MlflowException as e:
-        raise SourceError(f"{uri}: {str(e).splitlines()[0]} (tracking URI {tracking_uri})") from None
+    tracking_uri = tracking_uri or runs.default_tracking_uri()
+    try:
+        version = runs.download_model_version(uri, tracking_uri)
+    except runs.MlflowError as e:
+        raise SourceError(f"{uri}: {e} (tracking URI {tracking_uri})") from None
     # fatscale registers a run's models as <run>-<model> and <run>-<model>-ema (fatscale.train.reporting)
-    return _from_timm_folder(local, uri, "model_ema" if name.endswith("-ema") else "model", registered.run_id,
-                             tracking_uri)
+    return _from_timm_folder(version.path, uri, "model_ema" if version.name.endswith("-ema") else "model",
+                             version.run_id, tracking_uri)

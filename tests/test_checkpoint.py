@@ -1,5 +1,5 @@
 """fatscale.checkpoint on real files: seals, verification, pruning, the verify command; and the
-choice of the checkpoint to resume (fatscale.resume)."""
+choice of the checkpoint to resume (fatscale.checkpoint.resume)."""
 
 import hashlib
 import logging
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from fatscale import checkpoint as ckpt
-from fatscale.resume import NoIntactCheckpoint, ResumeMismatch, intact_checkpoint
+from fatscale.checkpoint import layout as ckpt
+from fatscale.checkpoint.resume import NoIntactCheckpoint, ResumeMismatch, intact_checkpoint
 
 FILES = {"mp_rank_00_model_states.pt": bytes(range(256)) * 64, "rank-0.json": b'{"loader": 1}',
          "ema.safetensors": b"\x01" * 1000}
@@ -81,7 +81,7 @@ def test_resume_passes_over_damaged_checkpoints_naming_them(tmp_path, caplog):
     damaged = tmp_path / tags[2] / "mp_rank_00_model_states.pt"
     flip_middle_byte(damaged)
     (tmp_path / tags[1] / "rank-0.json").unlink()
-    with caplog.at_level(logging.WARNING, logger="fatscale.resume"):
+    with caplog.at_level(logging.WARNING, logger="fatscale.checkpoint.resume"):
         assert intact_checkpoint(tmp_path) == tags[0]
     assert [r.getMessage() for r in caplog.records] == [
         f"checkpoint {tmp_path / tags[2]}: {damaged} is damaged (sha256 mismatch); resuming from {tmp_path / tags[0]}",
@@ -112,7 +112,7 @@ def test_an_older_fatscales_empty_seal_is_resumed_unverified(tmp_path, caplog):
     (tmp_path / tag / ckpt.COMPLETE).write_bytes(b"")  # sealed as before checksums
     flip_middle_byte(tmp_path / tag / "ema.safetensors")  # undetectable without them
     assert ckpt.verify(tmp_path, tag) == ckpt.Verdict(tag, checksummed=False)
-    with caplog.at_level(logging.WARNING, logger="fatscale.resume"):
+    with caplog.at_level(logging.WARNING, logger="fatscale.checkpoint.resume"):
         assert intact_checkpoint(tmp_path) == tag
     assert "was sealed without checksums (by an older fatscale): resuming from it unverified" in caplog.text
 
@@ -122,15 +122,15 @@ def test_a_step_saved_again_replaces_its_checkpoint_and_a_sealed_save_in_progres
     first = ckpt.file_record(tmp_path / tag / ckpt.COMPLETE)
     saving = tmp_path / ckpt.saving_dir(tag)
     saving.mkdir()
-    again = {"rank-0.json": ckpt.write_json_atomic(saving / "rank-0.json", {"loader": 2})}
+    again = {"rank-0.json": ckpt.write_json_record(saving / "rank-0.json", {"loader": 2})}
     # Killed after the seal, before the move: the sealed save in progress is the newest checkpoint.
-    ckpt.write_json_atomic(saving / ckpt.COMPLETE, {"files": again})
+    ckpt.write_json_record(saving / ckpt.COMPLETE, {"files": again})
     assert ckpt.sealed_tags(tmp_path) == [saving.name, tag] and intact_checkpoint(tmp_path) == saving.name
     # The next save of the step starts afresh, and replaces the earlier one once sealed.
     ckpt.clear_saving_dir(tmp_path, tag)
     assert not saving.exists() and ckpt.file_record(tmp_path / tag / ckpt.COMPLETE) == first
     saving.mkdir()
-    ckpt.mark_complete(tmp_path, tag, {"rank-0.json": ckpt.write_json_atomic(saving / "rank-0.json", {"loader": 2})},
+    ckpt.mark_complete(tmp_path, tag, {"rank-0.json": ckpt.write_json_record(saving / "rank-0.json", {"loader": 2})},
                        is_best=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.LATEST, tag]
     assert sorted(p.name for p in (tmp_path / tag).iterdir()) == [ckpt.COMPLETE, "rank-0.json"]  # nothing stale

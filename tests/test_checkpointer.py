@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from conftest import one_rank_world
-from fatscale import checkpoint as ckpt
-from fatscale.config import AugConfig, CheckpointConfig, DataConfig
+from fatscale.checkpoint import layout as ckpt
+from fatscale.config import CheckpointConfig
+from fatscale.data.config import AugConfig, DataConfig
 from fatscale.data.loader import TrainLoader
 from fatscale.data.manifest import load_manifest
-from fatscale.train.state import TrainState, load_rng_state_dict, rng_state_dict
+from fatscale.checkpoint.state import TrainState, load_rng_state_dict, rng_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +76,17 @@ def test_rng_states_round_trip():
 
 
 def test_a_checkpoint_restores_everything_it_holds(process_group, demo_shards, tmp_path):
-    from fatscale.train.checkpointer import Checkpointer
+    from fatscale.checkpoint.checkpointer import Checkpointer
 
     engine, loader = make_engine(seed=0), make_loader(demo_shards)
     ema = torch.nn.Linear(2, 2)  # stands for the EMA module: any module's weights go through safetensors
-    checkpointer = Checkpointer(CheckpointConfig(keep_last=2), tmp_path, engine, ema, None, rank=0)
-    checkpointer.identity = dict(resume_identity={"seed": 0}, recipe="model: {}\n")
+    state = TrainState(epoch=0, global_step=3, best_top1=40.0, mlflow_run_id="run", elapsed_s=5.0)
+    checkpointer = Checkpointer(CheckpointConfig(keep_last=2), tmp_path, 0, engine=engine, state=state, loader=loader,
+                                identity=dict(resume_identity={"seed": 0}, recipe="model: {}\n"), ema=ema)
     batches = iter(loader)
     for _ in range(3):
         step(engine, *next(batches))
-    state = TrainState(epoch=0, global_step=3, best_top1=40.0, mlflow_run_id="run", elapsed_s=5.0)
-    saved_dir = checkpointer.save(state, loader, is_best=True)
+    saved_dir = checkpointer.save(is_best=True)
     assert saved_dir == tmp_path / "step-000000003" and ckpt.latest_tag(tmp_path) == "step-000000003"
     assert (tmp_path / ckpt.BEST).read_text() == "step-000000003"
     expected_weights, expected_ema = weights(engine.module), weights(ema)
@@ -98,8 +99,8 @@ def test_a_checkpoint_restores_everything_it_holds(process_group, demo_shards, t
     engine2, loader2, ema2 = make_engine(seed=1), make_loader(demo_shards), torch.nn.Linear(2, 2)
     assert not torch.equal(engine2.module[0].weight, expected_weights["0.weight"])
     restored = TrainState()
-    Checkpointer(CheckpointConfig(), tmp_path, engine2, ema2, None, rank=0).load("step-000000003", restored, loader2,
-                                                                                 seed=0, saved_world=1)
+    Checkpointer(CheckpointConfig(), tmp_path, 0, engine=engine2, state=restored, loader=loader2, identity={},
+                 ema=ema2).load("step-000000003", seed=0, saved_world=1)
     assert restored == state
     assert all(torch.equal(weights(engine2.module)[k], v) for k, v in expected_weights.items())
     assert all(torch.equal(weights(ema2)[k], v) for k, v in expected_ema.items())
@@ -113,12 +114,13 @@ def test_a_checkpoint_restores_everything_it_holds(process_group, demo_shards, t
 
 
 def test_the_seal_records_every_file_the_save_wrote(process_group, demo_shards, tmp_path):
-    from fatscale.train.checkpointer import Checkpointer
+    from fatscale.checkpoint.checkpointer import Checkpointer
 
     engine, loader = make_engine(seed=0), make_loader(demo_shards)
-    checkpointer = Checkpointer(CheckpointConfig(), tmp_path, engine, torch.nn.Linear(2, 2), None, rank=0)
+    checkpointer = Checkpointer(CheckpointConfig(), tmp_path, 0, engine=engine, state=TrainState(global_step=1),
+                                loader=loader, identity={}, ema=torch.nn.Linear(2, 2))
     step(engine, *next(iter(loader)))
-    folder = checkpointer.save(TrainState(global_step=1), loader)
+    folder = checkpointer.save()
     files = ckpt.read_json(folder / ckpt.COMPLETE)["files"]
     written = sorted(p.name for p in folder.iterdir() if p.name != ckpt.COMPLETE)
     assert sorted(files) == written == ["ema.safetensors", "mp_rank_00_model_states.pt", "progress.json", "rank-0.json"]
@@ -126,28 +128,33 @@ def test_the_seal_records_every_file_the_save_wrote(process_group, demo_shards, 
 
 
 def test_saves_are_due_by_steps_and_by_rank_0s_clock(process_group, tmp_path):
-    from fatscale.train.checkpointer import Checkpointer
+    from fatscale.checkpoint.checkpointer import Checkpointer
 
     engine = make_engine(seed=0)
-    by_steps = Checkpointer(CheckpointConfig(every_steps=5, every_minutes=None), tmp_path, engine, None, None, rank=0)
+    def checkpointer(config: CheckpointConfig, rank: int) -> Checkpointer:
+        return Checkpointer(config, tmp_path, rank, engine=engine, state=TrainState(), loader=None, identity={})
+
+    by_steps = checkpointer(CheckpointConfig(every_steps=5, every_minutes=None), rank=0)
     assert [s for s in range(1, 16) if by_steps.due_by_steps(s)] == [5, 10, 15]
     assert not by_steps.due_by_clock(by_steps.last_save + 10**6)
-    by_time = Checkpointer(CheckpointConfig(every_steps=None, every_minutes=2), tmp_path, engine, None, None, rank=0)
+    by_time = checkpointer(CheckpointConfig(every_steps=None, every_minutes=2), rank=0)
     assert not by_time.due_by_clock(by_time.last_save + 119) and by_time.due_by_clock(by_time.last_save + 121)
     assert not any(by_time.due_by_steps(s) for s in range(1, 16))
-    other_rank = Checkpointer(CheckpointConfig(every_steps=None, every_minutes=2), tmp_path, engine, None, None, rank=1)
+    other_rank = checkpointer(CheckpointConfig(every_steps=None, every_minutes=2), rank=1)
     assert not other_rank.due_by_clock(other_rank.last_save + 1000)  # it learns rank 0's decision (StepVote)
 
 
 def test_a_save_cut_short_or_repeated_leaves_an_intact_checkpoint(process_group, demo_shards, tmp_path, monkeypatch):
-    from fatscale.resume import intact_checkpoint
-    from fatscale.train.checkpointer import Checkpointer
+    from fatscale.checkpoint.resume import intact_checkpoint
+    from fatscale.checkpoint.checkpointer import Checkpointer
 
     engine, loader = make_engine(seed=0), make_loader(demo_shards)
-    checkpointer = Checkpointer(CheckpointConfig(keep_last=1), tmp_path, engine, None, None, rank=0)
+    state = TrainState(global_step=1)
+    checkpointer = Checkpointer(CheckpointConfig(keep_last=1), tmp_path, 0, engine=engine, state=state, loader=loader,
+                                identity={})
     batches = iter(loader)
     step(engine, *next(batches))
-    checkpointer.save(TrainState(global_step=1), loader)
+    checkpointer.save()
     good = weights(engine.module)
 
     def killed(*args):
@@ -155,24 +162,28 @@ def test_a_save_cut_short_or_repeated_leaves_an_intact_checkpoint(process_group,
 
     # The same step saved again (a periodic save, then the epoch end's), cut short: the first stays.
     monkeypatch.setattr(ckpt, "mark_complete", killed)
+    state.epoch = 1
     with pytest.raises(KeyboardInterrupt):
-        checkpointer.save(TrainState(global_step=1, epoch=1), loader)
+        checkpointer.save()
     monkeypatch.undo()
     assert (tmp_path / "step-000000001.saving").is_dir() and intact_checkpoint(tmp_path) == "step-000000001"
     step(engine, *next(batches))
     monkeypatch.setattr(ckpt, "mark_complete", killed)
+    state.global_step, state.epoch = 2, 0
     with pytest.raises(KeyboardInterrupt):
-        checkpointer.save(TrainState(global_step=2), loader)
+        checkpointer.save()
     monkeypatch.undo()
     assert ckpt.latest_tag(tmp_path) == intact_checkpoint(tmp_path) == "step-000000001"
     restored = TrainState()
     engine2 = make_engine(seed=1)
-    Checkpointer(CheckpointConfig(), tmp_path, engine2, None, None, rank=0).load("step-000000001", restored,
-                                                                                 make_loader(demo_shards), 0, 1)
+    Checkpointer(CheckpointConfig(), tmp_path, 0, engine=engine2, state=restored, loader=make_loader(demo_shards),
+                 identity={}).load("step-000000001", seed=0, saved_world=1)
     assert restored.global_step == 1 and all(torch.equal(weights(engine2.module)[k], v) for k, v in good.items())
     # Saved again, completed: it replaces the earlier save of its step, and the leftovers go.
-    checkpointer.save(TrainState(global_step=2, epoch=1), loader)
-    checkpointer.save(TrainState(global_step=2, epoch=2), loader)
+    state.epoch = 1
+    checkpointer.save()
+    state.epoch = 2
+    checkpointer.save()
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000002"]
     assert ckpt.verify(tmp_path, "step-000000002").good
     assert ckpt.read_json(tmp_path / "step-000000002" / "progress.json")["epoch"] == 2

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 import fatscale  # noqa: F401
-from fatscale.config import RecipeError, ResolutionConfig, dump, flatten, load_recipe, resolve, to_dict
+from fatscale.config import RecipeError, dump, flatten, load_recipe, resolve, to_dict
+from fatscale.data.config import ResolutionConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -278,7 +279,7 @@ def test_print_resolved_recipe_command(tmp_path, demo_shards):
 
 
 def test_recipes_that_cannot_train_on_these_shards_fail_at_load(tmp_path, demo_shards):
-    from fatscale.config import check_world
+    from fatscale.preflight import check_world
     from fatscale.data.manifest import load_manifest
 
     recipe = minimal(tmp_path)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import demo_recipe
-from fatscale import checkpoint as ckpt
+from fatscale.checkpoint import layout as ckpt
 from mlflow.tracking import MlflowClient
 from test_checkpoint import flip_middle_byte
 from test_train import LOCAL, launch, run

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 import fatscale  # noqa: F401  (registers the FAT models with timm)
 import timm
 from conftest import REPO
-from fatscale import checkpoint as ckpt
+from fatscale.checkpoint import layout as ckpt
 from fatscale.tryout.demo_data import CLASSES
 
 pytestmark = pytest.mark.slow  # ~2.5 minutes on 2 cores: the whole demo

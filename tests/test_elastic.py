@@ -7,14 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import demo_recipe as recipe
 from conftest import one_rank_world
-from fatscale import checkpoint as ckpt
+from fatscale.checkpoint import layout as ckpt
 from fatscale.data import ledger
 from fatscale.data.loader import AugConfig, DataConfig, TrainLoader
 from fatscale.data.manifest import load_manifest
@@ -62,8 +61,9 @@ def test_layouts_keep_the_global_batch_or_are_refused():
 
 
 def test_train_global_batch_fixes_the_layout_of_a_fresh_run_and_must_match_a_checkpoint(tmp_path, demo_shards):
-    from fatscale import resume
-    from fatscale.config import RecipeError, check_world, load_recipe
+    from fatscale.checkpoint import resume
+    from fatscale.config import RecipeError, load_recipe
+    from fatscale.preflight import check_world
 
     path = recipe(tmp_path, demo_shards, train={"global_batch": 48})  # batch_per_device 16
     r = load_recipe(path)

@@ -20,7 +20,7 @@ from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
 import fatscale  # noqa: F401
-from fatscale.config import AugConfig, DataConfig, ResolutionConfig
+from fatscale.data.config import AugConfig, DataConfig, ResolutionConfig
 from fatscale.data.loader import TrainLoader, ValLoader, decode_labels, resolve_decode_device
 from fatscale.data.manifest import load_manifest
 from fatscale.data import rand_augment_spec

@@ -24,7 +24,9 @@ import fatscale  # noqa: F401  (registers the FAT models with timm)
 import timm
 from fatscale.data.manifest import load_manifest
 from fatscale.export import WEIGHTS, load_mlflow_model, mlflow_flavors
-from fatscale.tracking import DIGEST_CHARS, EXPERIMENT_TAGS, SPILL_FILE, Tracker
+from fatscale.tracking.spill import SPILL_FILE
+from fatscale.tracking.tags import EXPERIMENT_TAGS
+from fatscale.tracking.tracker import DIGEST_CHARS, Tracker
 
 
 def timm_folder(folder: Path, seed: int) -> dict[str, torch.Tensor]:
@@ -51,7 +53,7 @@ def test_weights_become_registered_models_that_load_back_without_pickle(mlflow_s
     # Logged while the server is away: the model record goes through the spill file and the sync command.
     mlflow_server.stop(signal.SIGKILL)
     log_model(tracker, tmp_path / "step12", 12, 91.5)
-    assert tracker.finish(timeout=1) is False
+    assert tracker.close(timeout=1) is False
     mlflow_server.start()
     synced = subprocess.run([sys.executable, "-m", "fatscale.tracking", "sync", str(tmp_path)], capture_output=True,
                             text=True, timeout=120)
@@ -88,7 +90,7 @@ def test_weights_become_registered_models_that_load_back_without_pickle(mlflow_s
     log_model(resumed, tmp_path / "step12", 12, 91.5)
     later = timm_folder(tmp_path / "step24", seed=1)
     log_model(resumed, tmp_path / "step24", 24, 95.0)
-    assert resumed.finish() is True
+    assert resumed.close() is True
     versions = sorted(client.search_model_versions("name = 'demo-fat_b0-ema'"), key=lambda v: int(v.version))
     assert [(v.version, v.description) for v in versions] == [
         ("1", "EMA weights at step 12: top-1 91.5%"), ("2", "EMA weights at step 24: top-1 95.0%")]
@@ -108,7 +110,7 @@ def test_the_shards_are_the_runs_dataset_inputs(tmp_path, demo_shards):
     manifest = load_manifest(demo_shards)
     tracker.log_manifest(manifest, demo_shards)
     tracker.log_manifest(manifest, demo_shards)  # a re-send adds nothing
-    assert tracker.finish() is True
+    assert tracker.close() is True
     inputs = MlflowClient(uri).get_run(tracker.run_id).inputs.dataset_inputs
     by_name = {i.dataset.name: i for i in inputs}
     assert sorted(by_name) == ["shards/train", "shards/val"] and len(inputs) == 2
@@ -126,7 +128,7 @@ def test_the_shards_are_the_runs_dataset_inputs(tmp_path, demo_shards):
 def test_experiments_are_training_experiments_and_mlflow_logs_through_the_app(tmp_path, caplog, capfd):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with caplog.at_level(logging.INFO):
-        Tracker(uri, "new", "a", system_metrics=False).finish()
+        Tracker(uri, "new", "a", system_metrics=False).close()
     # MLflow's database set-up lines reach the application's handlers, not MLflow's own stderr one.
     assert any(r.name.startswith("mlflow.store.db") for r in caplog.records)
     assert "Creating initial MLflow database tables" not in capfd.readouterr().err
@@ -135,7 +137,7 @@ def test_experiments_are_training_experiments_and_mlflow_logs_through_the_app(tm
     assert EXPERIMENT_TAGS["mlflow.experimentKind"] == "custom_model_development"
     # An experiment made elsewhere gets the tags; a kind chosen by hand stays.
     chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
-    Tracker(uri, "chosen", "b", system_metrics=False).finish()
+    Tracker(uri, "chosen", "b", system_metrics=False).close()
     tags = client.get_experiment(chosen).tags
     assert tags["mlflow.experimentKind"] == "genai_development" and tags["mlflow.experiment.primaryMetric.name"] == "top1"
 

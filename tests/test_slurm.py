@@ -14,7 +14,7 @@ import submitit
 from mlflow import MlflowClient
 
 from conftest import REPO, demo_recipe, hold_run_lock, wait_for_first_metrics
-from fatscale import checkpoint as ckpt
+from fatscale.checkpoint import layout as ckpt
 from fatscale.config import load_recipe, slurm_minutes
 from fatscale.tryout.devcluster import DevCluster, DevClusterError
 

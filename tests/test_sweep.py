@@ -16,7 +16,7 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import REPO, demo_recipe, free_port
-from fatscale import checkpoint as ckpt
+from fatscale.checkpoint import layout as ckpt
 from fatscale import sweep
 from test_slurm import CPU_NODES, cluster, jobs, submit  # noqa: F401 (cluster: the fixture)
 

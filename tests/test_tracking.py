@@ -2,6 +2,7 @@
 that the tests stop, freeze and restart to check that nothing logged during an outage is lost:
 neither while the process lives, nor through a spill file when it stops."""
 
+import inspect
 import json
 import logging
 import math
@@ -17,7 +18,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from conftest import REPO, free_port
-from fatscale.tracking import HTTP_ENV_DEFAULTS, SPILL_FILE, NullTracker, Tracker, main, tracking_uri
+from fatscale.tracking.cli import main
+from fatscale.tracking.client import HTTP_ENV_DEFAULTS
+from fatscale.tracking.spill import SPILL_FILE
+from fatscale.tracking.tracker import NullTracker, Tracker
+from fatscale.tracking.uri import tracking_uri
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +88,11 @@ def test_sqlite_round_trip_and_resume(sqlite_uri, tmp_path, caplog):
     assert run_id is not None and tracker.wait_run_id(0) == run_id
     tracker.log_params(params)
     for step in range(5):
-        tracker.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 0.1}, step)
+        tracker.log({"train/loss": 1.0 / (step + 1), "train/lr": 0.1}, step)
     tracker.set_tags({"stage": "train"})
     tracker.log_artifact(str(artifact), "config")
-    assert tracker.finish() is True
-    assert tracker.finish("FAILED") is True  # a second finish changes nothing
+    assert tracker.close() is True
+    assert tracker.close("FAILED") is True  # a second finish changes nothing
 
     client = MlflowClient(sqlite_uri)
     run = client.get_run(run_id)
@@ -109,8 +114,8 @@ def test_sqlite_round_trip_and_resume(sqlite_uri, tmp_path, caplog):
     # identical values are accepted again; a changed one is rejected alone, with one warning
     resumed.log_params({"lr": 0.001, "epochs": 20, "resumed_from": 4})
     for step in range(5, 8):
-        resumed.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
-    assert resumed.finish() is False
+        resumed.log({"train/loss": 1.0 / (step + 1)}, step)
+    assert resumed.close() is False
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["epochs"] == "10" and run.data.params["resumed_from"] == "4"
@@ -124,7 +129,7 @@ def test_system_metrics_on_an_explicit_run(sqlite_uri, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     tracker = Tracker(sqlite_uri, "system-metrics", "sys", system_metrics=True)
     time.sleep(1.5)
-    assert tracker.finish(status="KILLED") is True
+    assert tracker.close(status="KILLED") is True
     run = MlflowClient(sqlite_uri).get_run(tracker.run_id)
     assert run.info.status == "KILLED"
     assert "system/cpu_utilization_percentage" in run.data.metrics
@@ -133,14 +138,14 @@ def test_system_metrics_on_an_explicit_run(sqlite_uri, monkeypatch):
 def test_invalid_input_fails_on_the_callers_thread(sqlite_uri, tmp_path):
     tracker = Tracker(sqlite_uri, "invalid", "bad keys", system_metrics=False)
     with pytest.raises(ValueError, match="invalid MLflow key"):
-        tracker.log_metrics({"loss?": 1.0}, 0)
+        tracker.log({"loss?": 1.0}, 0)
     with pytest.raises(ValueError, match="invalid MLflow key"):
         tracker.log_params({"../up": 1})
     with pytest.raises(FileNotFoundError, match="no such file"):
         tracker.log_artifact(str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="finish status"):
-        tracker.finish("DONE")
-    assert tracker.finish() is True
+        tracker.close("DONE")
+    assert tracker.close() is True
     with pytest.raises(MlflowException):  # resuming a run the store does not have
         Tracker(sqlite_uri, "invalid", "resume", run_id="0" * 32, system_metrics=False)
 
@@ -149,9 +154,9 @@ def test_finish_is_bounded_when_the_server_never_comes(caplog):
     tracker = Tracker(f"http://127.0.0.1:{free_port()}", "never", "down", system_metrics=False)
     assert tracker.run_id is None
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_ENV_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
-    tracker.log_metrics({"loss": 1.0}, 0)
+    tracker.log({"loss": 1.0}, 0)
     started = time.monotonic()
-    assert tracker.finish(timeout=1.0) is False
+    assert tracker.close(timeout=1.0) is False
     assert time.monotonic() - started < 3
     assert tracker.wait_run_id(0) is None
     warnings = tracker_warnings(caplog)
@@ -167,7 +172,7 @@ def test_server_outage_loses_nothing(mlflow_server, tmp_path, caplog):
     assert running.run_id is not None
     running.log_params({"lr": 0.1})
     for step in range(5):
-        running.log_metrics({"loss": 1.0 / (step + 1), "grad_norm": float("nan")}, step)
+        running.log({"loss": 1.0 / (step + 1), "grad_norm": float("nan")}, step)
     deadline = time.monotonic() + 10
     while len(client.get_metric_history(running.run_id, "loss")) < 5:  # delivered over HTTP while up
         assert time.monotonic() < deadline, "metrics did not reach the server"
@@ -181,8 +186,8 @@ def test_server_outage_loses_nothing(mlflow_server, tmp_path, caplog):
     slowest = 0.0
     for step in range(5, 30):
         started = time.perf_counter()
-        running.log_metrics({"loss": 1.0 / (step + 1), "lr": 0.1}, step)
-        late.log_metrics({"loss": float(step)}, step)
+        running.log({"loss": 1.0 / (step + 1), "lr": 0.1}, step)
+        late.log({"loss": float(step)}, step)
         slowest = max(slowest, time.perf_counter() - started)
         time.sleep(0.04)  # meanwhile both trackers fail to send and back off
     assert slowest < 0.05
@@ -192,8 +197,8 @@ def test_server_outage_loses_nothing(mlflow_server, tmp_path, caplog):
         tracker.log_artifact(str(artifact))
 
     mlflow_server.start()
-    assert running.finish(timeout=60) is True
-    assert late.finish(timeout=60) is True
+    assert running.close(timeout=60) is True
+    assert late.close(timeout=60) is True
     assert late.run_id is not None and late.wait_run_id(0) == late.run_id
 
     run = client.get_run(running.run_id)
@@ -226,14 +231,21 @@ def test_tracking_uri(tmp_path, monkeypatch):
 
 def test_null_tracker_does_nothing(tmp_path):
     assert NullTracker("http://x", "e", "r", run_id=None, tags={}, system_metrics=False,
-                       spill_path=tmp_path / SPILL_FILE).finish("KILLED", timeout=3) is True
+                       spill_path=tmp_path / SPILL_FILE).close("KILLED", timeout=3) is True
     tracker = NullTracker()
     tracker.log_params({"a": 1})
-    tracker.log_metrics({"loss": 1.0}, 0)
+    tracker.log({"loss": 1.0}, 0)
     tracker.set_tags({"a": "b"})
     tracker.log_artifact(str(tmp_path / "missing"))
     assert tracker.run_id is None and tracker.wait_run_id(0) is None
-    assert tracker.finish() is True
+    assert tracker.close() is True
+
+
+def test_the_null_tracker_takes_every_call_a_tracker_takes():
+    # The trainer calls the same methods on every rank: a Tracker's would fail on the others if missing here.
+    for name, method in vars(Tracker).items():
+        if not name.startswith("_"):
+            assert inspect.signature(getattr(NullTracker, name)) == inspect.signature(method), name
 
 
 @pytest.mark.slow  # ~20 s on 2 cores: a server restart
@@ -246,16 +258,16 @@ def test_preemption_spills_and_the_resumed_run_delivers_each_record_once(mlflow_
     spill = tmp_path / SPILL_FILE
     first = Tracker(mlflow_server.uri, "preempted", "first", spill_path=spill, system_metrics=False)
     run_id = first.run_id
-    first.log_metrics({"loss": 1.0}, 0)
+    first.log({"loss": 1.0}, 0)
     wait_for_steps(client, run_id, "loss", 1)
 
     mlflow_server.stop(signal.SIGKILL)
     for step in range(1, 21):
-        first.log_metrics({"loss": 1.0 / (step + 1), "grad_norm": float("nan") if step == 7 else float(step)}, step)
+        first.log({"loss": 1.0 / (step + 1), "grad_norm": float("nan") if step == 7 else float(step)}, step)
     first.log_params({"lr": 0.1})
     first.set_tags({"interrupted_at_step": "20"})
     started = time.monotonic()
-    assert first.finish("KILLED", timeout=2) is False
+    assert first.close("KILLED", timeout=2) is False
     assert time.monotonic() - started < 3
 
     header, records = read_spill(spill)
@@ -271,8 +283,8 @@ def test_preemption_spills_and_the_resumed_run_delivers_each_record_once(mlflow_
     assert client.get_run(run_id).info.status == "RUNNING"  # KILLED waits in the spill with the rest
     second = Tracker(mlflow_server.uri, "preempted", "second", spill_path=spill, system_metrics=False)
     assert second.run_id == run_id
-    second.log_metrics({"loss": 0.01}, 21)
-    assert second.finish(timeout=60) is True
+    second.log({"loss": 0.01}, 21)
+    assert second.close(timeout=60) is True
     assert not spill.exists()
 
     history = client.get_metric_history(run_id, "loss")
@@ -309,9 +321,9 @@ def test_sync_command_delivers_the_spill_and_sets_the_recorded_status(mlflow_ser
     assert tracker.run_id is None
     tracker.log_params({"lr": 0.1, "epochs": 10})
     for step in range(10):
-        tracker.log_metrics({"loss": 1.0 / (step + 1)}, step)
+        tracker.log({"loss": 1.0 / (step + 1)}, step)
     tracker.log_artifact(str(artifact), "config")
-    assert tracker.finish("KILLED", timeout=1) is False
+    assert tracker.close("KILLED", timeout=1) is False
     before = spill.read_bytes()
     header, records = read_spill(spill)
     assert header["run_id"] is None
@@ -343,7 +355,7 @@ CRASHING_REPLAY = """
 import os, signal, sys
 from pathlib import Path
 from mlflow import MlflowClient
-from fatscale.tracking import Tracker
+from fatscale.tracking.tracker import Tracker
 
 accepted = 0
 log_batch = MlflowClient.log_batch
@@ -356,7 +368,7 @@ def log_batch_then_crash(self, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
 MlflowClient.log_batch = log_batch_then_crash
-Tracker(sys.argv[1], "crash", "replayed", spill_path=Path(sys.argv[2]), system_metrics=False).finish(timeout=120)
+Tracker(sys.argv[1], "crash", "replayed", spill_path=Path(sys.argv[2]), system_metrics=False).close(timeout=120)
 """
 
 
@@ -368,8 +380,8 @@ def test_replay_killed_midway_then_completed_delivers_each_record_once(mlflow_se
     spill = tmp_path / SPILL_FILE
     tracker = Tracker(mlflow_server.uri, "crash", "replayed", spill_path=spill, system_metrics=False)
     for step in range(1500):  # 3000 points: three requests of 1000
-        tracker.log_metrics({"loss": 1.0 / (step + 1), "grad_norm": float("nan") if step % 100 == 0 else 1.0}, step)
-    assert tracker.finish("KILLED", timeout=0.5) is False
+        tracker.log({"loss": 1.0 / (step + 1), "grad_norm": float("nan") if step % 100 == 0 else 1.0}, step)
+    assert tracker.close("KILLED", timeout=0.5) is False
     assert read_spill(spill)[0]["run_id"] is None
 
     mlflow_server.start()
@@ -386,8 +398,8 @@ def test_replay_killed_midway_then_completed_delivers_each_record_once(mlflow_se
 
     resumed = Tracker(mlflow_server.uri, "crash", "replayed", spill_path=spill, system_metrics=False)
     assert resumed.run_id == run.info.run_id
-    resumed.log_metrics({"loss": 0.0}, 1500)
-    assert resumed.finish(timeout=120) is True
+    resumed.log({"loss": 0.0}, 1500)
+    assert resumed.close(timeout=120) is True
     assert not spill.exists()
     assert len(client.search_runs([experiment_id])) == 1
     assert steps(client, run.info.run_id, "loss") == list(range(1501))
@@ -405,18 +417,18 @@ def test_finished_is_set_only_once_everything_is_delivered(mlflow_server, tmp_pa
     spill = tmp_path / SPILL_FILE
     first = Tracker(mlflow_server.uri, "finished", "d", system_metrics=False)
     first.log_params({"lr": 0.1})
-    assert first.finish() is True
+    assert first.close() is True
     run_id = first.run_id
     resumed = Tracker(mlflow_server.uri, "finished", "d", run_id=run_id, spill_path=spill, system_metrics=False)
     resumed.log_params({"lr": 0.2})  # MLflow rejects a changed param
     for step in range(5):
-        resumed.log_metrics({"loss": float(step)}, step)
+        resumed.log({"loss": float(step)}, step)
     wait_for_steps(client, run_id, "loss", 5)
 
     mlflow_server.stop(signal.SIGKILL)
     for step in range(5, 10):
-        resumed.log_metrics({"loss": float(step)}, step)
-    assert resumed.finish("FINISHED", timeout=1) is False
+        resumed.log({"loss": float(step)}, step)
+    assert resumed.close("FINISHED", timeout=1) is False
     header, records = read_spill(spill)
     assert header["rejected"] == 1 and records[-1] == {"kind": "terminate", "status": "FINISHED"}
 
@@ -440,15 +452,15 @@ def test_finish_keeps_its_timeout_while_the_server_hangs(mlflow_server, tmp_path
     client = MlflowClient(mlflow_server.uri)
     spill = tmp_path / SPILL_FILE
     tracker = Tracker(mlflow_server.uri, "hang", "frozen", spill_path=spill, system_metrics=True)
-    tracker.log_metrics({"loss": 0.0}, 0)
+    tracker.log({"loss": 0.0}, 0)
     wait_for_steps(client, tracker.run_id, "loss", 1)
     os.killpg(mlflow_server.process.pid, signal.SIGSTOP)
     try:
         time.sleep(0.5)  # the monitor is now blocked on a request too
         for step in range(1, 11):
-            tracker.log_metrics({"loss": float(step)}, step)
+            tracker.log({"loss": float(step)}, step)
         started = time.monotonic()
-        assert tracker.finish("KILLED", timeout=2) is False
+        assert tracker.close("KILLED", timeout=2) is False
         assert time.monotonic() - started < 3
     finally:
         os.killpg(mlflow_server.process.pid, signal.SIGCONT)
@@ -462,8 +474,8 @@ def test_a_spill_of_another_run_is_not_mixed_in(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     spill = tmp_path / SPILL_FILE
     tracker = Tracker(dead, "other", "a", run_id="a" * 32, spill_path=spill, system_metrics=False)
-    tracker.log_metrics({"loss": 1.0}, 0)
-    assert tracker.finish("KILLED", timeout=0.5) is False
+    tracker.log({"loss": 1.0}, 0)
+    assert tracker.close("KILLED", timeout=0.5) is False
     assert read_spill(spill)[0]["run_id"] == "a" * 32  # the run it resumes, though not reached yet
     with pytest.raises(ValueError, match="sync"):
         Tracker(dead, "other", "b", run_id="b" * 32, spill_path=spill, system_metrics=False)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import corrupt_copy, free_port, wait_for_first_metrics
 from conftest import demo_recipe as recipe
-from fatscale import checkpoint as ckpt
+from fatscale.checkpoint import layout as ckpt
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,6 +328,9 @@ def test_logged_grad_norm_and_val_counts_are_true(tmp_path, demo_shards):
         history[precision] = [m.value for m in client.get_metric_history(mlflow_run.info.run_id, "train/grad_norm")]
         metrics = mlflow_run.data.metrics
         assert (metrics["val/num_images"], metrics["val/quarantined"]) == (160 - 1, 1)
+        eval_line = next(line for line in (tmp_path / precision / "out" / "train.log").read_text().splitlines()
+                         if "eval epoch" in line)  # counts said as whole numbers, the images once
+        assert " val/quarantined=1 " in eval_line and eval_line.endswith(" (159 images)") and "num_images" not in eval_line
     # (fp16's first step may overflow at the initial scale and be skipped, its norm inf or NaN)
     assert len(history["fp16"]) == 2 and 0.5 < history["fp16"][1] / history["fp32"][1] < 2, history
 

@@ -75,7 +75,7 @@ def pil_thumbnail(path: Path) -> torch.Tensor:
 def check_labels(results: Results, manifest, cfg, jpegs: list[Path], device, s: dict) -> None:
     import torch
 
-    from fatscale.config import AugConfig
+    from fatscale.data.config import AugConfig
     from fatscale.data.loader import TrainLoader, ValLoader
 
     references = torch.stack([pil_thumbnail(p) for p in jpegs])
@@ -97,7 +97,7 @@ def check_restore(results: Results, manifest, cfg, device, s: dict) -> None:
     """Save mid-epoch 0 (small size), restore in a new loader, compare through epoch 1 (full size)."""
     import torch
 
-    from fatscale.config import AugConfig, ResolutionConfig
+    from fatscale.data.config import AugConfig, ResolutionConfig
     from fatscale.data.loader import TrainLoader
 
     ramp = replace(cfg, resolution=ResolutionConfig(start=s["small"], end=s["size"], ramp=(1, 1), step=s["size"] - s["small"]))
@@ -143,7 +143,7 @@ def used_mib(device) -> tuple[float, float]:
 def check_memory(results: Results, manifest, cfg, device, s: dict) -> None:
     import torch
 
-    from fatscale.config import AugConfig
+    from fatscale.data.config import AugConfig
     from fatscale.data.loader import TrainLoader, ValLoader
 
     if device.type != "cuda":
@@ -201,7 +201,7 @@ def plant_corrupt(shards: Path) -> dict[str, str]:
 def check_quarantine(results: Results, cfg, work: Path, device, s: dict) -> None:
     import shutil
 
-    from fatscale.config import AugConfig
+    from fatscale.data.config import AugConfig
     from fatscale.data.loader import TrainLoader
     from fatscale.data.manifest import load_manifest
 
@@ -248,7 +248,7 @@ def check_speed(results: Results, shards: Path, device, s: dict, tiny: bool) -> 
 def run(args: argparse.Namespace, results: Results) -> None:
     import torch
 
-    from fatscale.config import DataConfig
+    from fatscale.data.config import DataConfig
     from fatscale.data.manifest import load_manifest
 
     s = sizes(args.tiny)

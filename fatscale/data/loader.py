@@ -65,7 +65,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.data.random_erasing import RandomErasing
 
-from fatscale.config import MIN_IMG_SIZE, AugConfig, DataConfig
+from fatscale.data.config import MIN_IMG_SIZE, AugConfig, DataConfig
 from fatscale.data.manifest import Manifest
 from fatscale.data.quarantine import DecodeCheck, QuarantinedSample, parse_source_info, read_member, write_patched_index
 from fatscale.data.rand_augment import RandAugmentSpec, rand_augment

@@ -1,7 +1,7 @@
 """The ``manifest.json`` that ``data_prep/make_shards.py`` writes next to its shards.
 
-One place defines the schema, so the shard writer, ``--verify`` and the DALI loader agree on
-it. ``load_manifest`` validates everything a reader relies on and fails with a one-line
+One place defines the schema (fatscale.schema dataclasses), so the shard writer, ``--verify`` and the DALI
+loader agree on it. ``load_manifest`` validates everything a reader relies on and fails with a one-line
 :class:`ManifestError` naming the field at fault.
 
 Schema (``format`` = ``fatscale-shards/1``)::
@@ -31,15 +31,17 @@ to the source root.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fatscale.atomic import write_atomic
+from fatscale.atomic import write_json_atomic
+from fatscale.schema import NON_NEGATIVE, SchemaError, Section, build, must, setting
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "fatscale-shards/1"
@@ -51,41 +53,50 @@ class ManifestError(ValueError):
     """A manifest that is missing, unreadable or inconsistent (one-line message)."""
 
 
-@dataclass(frozen=True)
-class ShardInfo:
-    path: str  # tar file, relative to the shard directory
-    index: str  # DALI index file (wds2idx format), relative to the shard directory
-    num_samples: int
-    bytes: int
-    sha256: str
+def _relative(path: str) -> bool:
+    return not os.path.isabs(path) and ".." not in Path(path).parts
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "index": self.index,
-            "num_samples": self.num_samples,
-            "bytes": self.bytes,
-            "sha256": self.sha256,
-        }
+
+NON_EMPTY = must(lambda v: v != "", "a non-empty string")
 
 
 @dataclass(frozen=True)
-class SkippedFile:
-    path: str  # relative to the source root
-    reason: str
+class ShardInfo(Section):
+    path: str = setting(check=must(_relative, "relative to the shard directory"))  # tar file
+    index: str = setting(check=NON_EMPTY)  # DALI index file (wds2idx format), relative to the shard directory
+    num_samples: int = setting(check=NON_NEGATIVE)
+    bytes: int = setting(check=NON_NEGATIVE)
+    sha256: str = setting(check=must(lambda v: _SHA256.fullmatch(v) is not None, "64 hex digits"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "reason": self.reason}
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SkippedFile(Section):
+    path: str = setting(check=NON_EMPTY)  # relative to the source root
+    reason: str = setting(check=NON_EMPTY)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
-class SplitInfo:
-    num_samples: int
-    num_source_files: int
-    shuffled: bool
-    shards: list[ShardInfo] = field(default_factory=list)
-    skipped: list[SkippedFile] = field(default_factory=list)
-    changes: dict[str, int] = field(default_factory=dict)  # kind of change -> samples
+class SplitInfo(Section):
+    num_samples: int = setting(check=NON_NEGATIVE)
+    num_source_files: int = setting(check=NON_NEGATIVE)
+    shuffled: bool = False
+    shards: list[ShardInfo] = setting(factory=list)
+    skipped: list[SkippedFile] = setting(factory=list)
+    changes: dict[str, int] = setting(factory=dict)  # kind of change -> samples
+
+    def _check_together(self) -> None:
+        total = sum(shard.num_samples for shard in self.shards)
+        if self.num_samples != total:
+            raise SchemaError(f"num_samples is {self.num_samples} but its shards hold {total}", whole=True)
+        if self.num_source_files != self.num_samples + len(self.skipped):
+            raise SchemaError(f"num_source_files is {self.num_source_files} but num_samples + skipped is "
+                              f"{self.num_samples + len(self.skipped)}", whole=True)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,12 +110,21 @@ class SplitInfo:
 
 
 @dataclass
-class Manifest:
-    classes: list[str]
-    class_names: list[str]
-    splits: dict[str, SplitInfo]
-    params: dict[str, Any] = field(default_factory=dict)
+class Manifest(Section):
+    classes: list[str] = setting(check=must(lambda v: v and all(v) and len(set(v)) == len(v),
+                                            "a non-empty list of distinct class names"))
+    class_names: list[str] = setting(factory=list)  # [] in a file: the classes
+    splits: dict[str, SplitInfo] = setting(factory=dict, check=must(bool, "a non-empty mapping of splits"))
+    params: dict[str, Any] = setting(factory=dict)  # the arguments the shards were made with
     format: str = FORMAT
+
+    def _check_together(self) -> None:
+        if len(self.class_names) != len(self.classes):
+            raise SchemaError(f"class_names: must be a list of {len(self.classes)} strings, one per class")
+        listed = [shard.path for split in self.splits.values() for shard in split.shards]
+        twice = sorted(path for path in set(listed) if listed.count(path) > 1)
+        if twice:
+            raise SchemaError(f"splits: shard {twice[0]!r} is listed twice")
 
     @property
     def num_classes(self) -> int:
@@ -139,11 +159,6 @@ class Manifest:
         }
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, fsync: bool = True) -> None:
-    """Write ``obj`` as JSON to ``path``, atomically (fatscale.atomic)."""
-    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8"), fsync)
-
-
 def write_manifest(shard_dir: str | os.PathLike, manifest: Manifest) -> Path:
     path = Path(shard_dir, MANIFEST_NAME)
     write_json_atomic(path, manifest.to_dict())
@@ -169,88 +184,13 @@ def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
         raise ManifestError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except RecursionError:
         raise ManifestError(f"{path}: not a manifest (nested too deeply)") from None
-    return _parse(d, str(path))
-
-
-# --- validation ------------------------------------------------------------------------------
-
-
-def _need(cond: bool, where: str, msg: str) -> None:
-    if not cond:
-        raise ManifestError(f"{where}: {msg}")
-
-
-def _int(d: dict, key: str, where: str) -> int:
-    v = d.get(key)
-    _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, where,
-          f"{key} must be a non-negative integer, got {v!r}")
-    return v
-
-
-def _str(d: dict, key: str, where: str) -> str:
-    v = d.get(key)
-    _need(isinstance(v, str) and v != "", where, f"{key} must be a non-empty string, got {v!r}")
-    return v
-
-
-def _parse(d: Any, where: str) -> Manifest:
-    _need(isinstance(d, dict), where, "top level must be an object")
-    fmt = d.get("format")
-    _need(fmt == FORMAT, where, f"format is {fmt!r}, expected {FORMAT!r}")
-    classes = d.get("classes")
-    _need(isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes),
-          where, "classes must be a non-empty list of strings")
-    _need(len(set(classes)) == len(classes), where, "classes has duplicates")
-    names = d.get("class_names", list(classes))
-    _need(isinstance(names, list) and len(names) == len(classes)
-          and all(isinstance(n, str) for n in names),
-          where, f"class_names must be a list of {len(classes)} strings")
-    params = d.get("params", {})
-    _need(isinstance(params, dict), where, "params must be an object")
-    splits_d = d.get("splits")
-    _need(isinstance(splits_d, dict) and splits_d, where, "splits must be a non-empty object")
-    splits: dict[str, SplitInfo] = {}
-    seen_paths: set[str] = set()
-    for name, s in splits_d.items():
-        w = f"{where}: splits.{name}"
-        _need(isinstance(s, dict), w, "must be an object")
-        shards_d = s.get("shards")
-        _need(isinstance(shards_d, list), w, "shards must be a list")
-        shards = []
-        for i, sh in enumerate(shards_d):
-            ws = f"{w}.shards[{i}]"
-            _need(isinstance(sh, dict), ws, "must be an object")
-            info = ShardInfo(
-                path=_str(sh, "path", ws),
-                index=_str(sh, "index", ws),
-                num_samples=_int(sh, "num_samples", ws),
-                bytes=_int(sh, "bytes", ws),
-                sha256=_str(sh, "sha256", ws),
-            )
-            _need(bool(_SHA256.fullmatch(info.sha256)), ws, f"sha256 is not 64 hex digits: {info.sha256!r}")
-            _need(not os.path.isabs(info.path) and ".." not in Path(info.path).parts, ws,
-                  f"path must be relative to the shard directory, got {info.path!r}")
-            _need(info.path not in seen_paths, ws, f"shard {info.path!r} is listed twice")
-            seen_paths.add(info.path)
-            shards.append(info)
-        skipped_d = s.get("skipped", [])
-        _need(isinstance(skipped_d, list), w, "skipped must be a list")
-        skipped = []
-        for i, sk in enumerate(skipped_d):
-            wk = f"{w}.skipped[{i}]"
-            _need(isinstance(sk, dict), wk, "must be an object")
-            skipped.append(SkippedFile(path=_str(sk, "path", wk), reason=_str(sk, "reason", wk)))
-        num = _int(s, "num_samples", w)
-        total = sum(sh.num_samples for sh in shards)
-        _need(num == total, w, f"num_samples is {num} but its shards hold {total}")
-        nsrc = _int(s, "num_source_files", w)
-        _need(nsrc == num + len(skipped), w,
-              f"num_source_files is {nsrc} but num_samples + skipped is {num + len(skipped)}")
-        changes = s.get("changes", {})
-        _need(isinstance(changes, dict) and all(isinstance(v, int) for v in changes.values()), w,
-              "changes must map kinds of change to sample counts")
-        splits[name] = SplitInfo(num_samples=num, num_source_files=nsrc,
-                                 shuffled=bool(s.get("shuffled", False)), shards=shards,
-                                 skipped=skipped, changes=dict(changes))
-    return Manifest(classes=list(classes), class_names=list(names), splits=splits,
-                    params=params, format=fmt)
+    if not isinstance(d, dict):
+        raise ManifestError(f"{path}: not a manifest (the top level is not an object)")
+    if d.get("format") != FORMAT:  # another format is not checked key by key
+        raise ManifestError(f"{path}: format is {d.get('format')!r}, expected {FORMAT!r}")
+    if "class_names" not in d:
+        d["class_names"] = d.get("classes")
+    try:
+        return build(Manifest, d)
+    except SchemaError as e:
+        raise ManifestError(f"{path}: {e}") from None

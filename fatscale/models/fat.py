@@ -25,6 +25,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
+from fatscale.variants import ARCHS as _ARCHS  # the official configurations (torch-free: the recipe check reads them)
+
 __all__ = ["FAT"]
 
 
@@ -459,9 +461,6 @@ def _cfg(**kwargs) -> dict:
 
 # No hub weights: pass a file with pretrained_cfg_overlay=dict(file=...).
 default_cfgs = generate_default_cfgs({f"fat_b{i}": _cfg() for i in range(4)})
-
-# The official configurations, in a torch-free module the recipe check reads the names from.
-from fatscale.variants import ARCHS as _ARCHS  # noqa: E402
 
 
 def _create_fat(variant: str, pretrained: bool = False, **kwargs) -> FAT:

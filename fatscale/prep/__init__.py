@@ -5,7 +5,7 @@
 (``<key>.cls`` label as decimal text, ``<key>.jpg`` baseline RGB JPEG, ``<key>.json`` metadata),
 a DALI index (``wds2idx`` format, fatscale.data.shard_format) next to every shard, and
 ``manifest.json`` (schema in :mod:`fatscale.data.manifest`). ``--verify SHARD_DIR`` re-reads
-everything against the manifest. README, "Making shards", has the user's view.
+everything against the manifest. docs/data.md has the user's view.
 
 One job per module, in the order a run goes through them:
 

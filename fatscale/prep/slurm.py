@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fatscale.data.manifest import write_json_atomic
+from fatscale.atomic import write_json_atomic
 from fatscale.prep.build import run_tasks
 from fatscale.prep.errors import PROG, RESUME, Detached, MakeShardsError, RunStopped, quoted
 from fatscale.prep.plan import ShardTask

@@ -15,8 +15,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from fatscale.atomic import is_temporary
-from fatscale.data.manifest import FORMAT, MANIFEST_NAME, write_json_atomic
+from fatscale.atomic import is_temporary, write_json_atomic
+from fatscale.data.manifest import FORMAT, MANIFEST_NAME
 from fatscale.prep.errors import PROG, MakeShardsError, quoted
 from fatscale.prep.plan import PLAN_VERSION, ShardTask, digest
 from fatscale.prep.source import Source

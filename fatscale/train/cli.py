@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     end_with_parent(signal.SIGTERM)
 
-    from fatscale import resume
-    from fatscale.config import RecipeError, check_world, dump, load_recipe_or_exit
+    from fatscale.checkpoint import resume
+    from fatscale.config import RecipeError, dump, load_recipe_or_exit
+    from fatscale.preflight import check_world
     from fatscale.data.manifest import load_manifest
     from fatscale.run_lock import RunDirBusy
     from fatscale.train.logs import setup_logging

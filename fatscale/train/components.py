@@ -72,7 +72,7 @@ def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, global_bat
 
 
 def deepspeed_config(recipe: Recipe, layout: BatchLayout, load_universal: bool = False) -> dict:
-    """``load_universal``: the checkpoint to load was resharded for this world size (fatscale.train.checkpointer)."""
+    """``load_universal``: the checkpoint to load was resharded for this world size (fatscale.checkpoint.checkpointer)."""
     t = recipe.train
     config = {
         "train_micro_batch_size_per_gpu": layout.micro_batch,

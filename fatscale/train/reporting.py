@@ -12,14 +12,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fatscale import checkpoint as ckpt
+from fatscale.checkpoint import layout as ckpt
 from fatscale.config import Recipe, flatten, to_dict
 from fatscale.data.manifest import Manifest
 from fatscale.export import mlflow_flavors
-from fatscale.tracking import (GIT_COMMIT_TAG, NOTE_TAG, SOURCE_NAME_TAG, SOURCE_TYPE_TAG, SPILL_FILE, NodeMonitor,
-                               NullTracker, Tracker, tracking_uri)
+from fatscale.tracking.spill import SPILL_FILE
+from fatscale.tracking.system import NodeMonitor, set_node_id
+from fatscale.tracking.tags import GIT_COMMIT_TAG, NOTE_TAG, SOURCE_NAME_TAG, SOURCE_TYPE_TAG
+from fatscale.tracking.tracker import BaseTracker, NullTracker, Tracker
+from fatscale.tracking.uri import tracking_uri
 from fatscale.train.distributed import node_layout
-from fatscale.train.state import TrainState
+from fatscale.checkpoint.state import TrainState
 
 log = logging.getLogger(__name__)
 # Slurm kills a job 90 s after USR2: stopping (save, then requeue) must not wait on MLflow. What is
@@ -36,6 +39,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def eval_line(metrics: dict[str, float]) -> str:
+    """The console's figures of an evaluation; the counts (floats, as MLflow takes them) as whole numbers."""
+    figures = " ".join(f"{k}={v:.0f}" if k == "val/quarantined" else f"{k}={v:.3f}"
+                       for k, v in metrics.items() if k != "val/num_images")
+    return f"{figures} ({metrics['val/num_images']:.0f} images)"
+
 class Reporter:
     """Rank 0 logs and tracks; every rank calls every method (the others do nothing, except a
     multi-node run's node leaders, which send their node's system metrics)."""
@@ -51,11 +60,9 @@ class Reporter:
         node_index, hosts = node_layout(local_rank)
         system_metrics = recipe.tracking.system_metrics
         if system_metrics and len(hosts) > 1 and node_index is not None:  # the node of each series' name
-            from mlflow.system_metrics import set_system_metrics_node_id
-
-            set_system_metrics_node_id(f"node{node_index}")
+            set_node_id(f"node{node_index}")
         uri = tracking_uri(recipe.tracking.uri, recipe.output_dir)
-        self.tracker = NullTracker()
+        self.tracker: BaseTracker = NullTracker()
         if rank == 0:
             tags = {"model": recipe.model.name, "recipe": recipe.tracking.run_name, "nodes": str(len(hosts)),
                     "job_id": os.environ.get("SLURM_JOB_ID", "local"), SOURCE_NAME_TAG: str(TRAINER_SOURCE),
@@ -88,7 +95,7 @@ class Reporter:
         if self.rank != 0:
             return
         r, output_dir = self.recipe, Path(self.recipe.output_dir)
-        self.tracker.log_metrics({"world_size": self.world, "gpus": self.world if self.on_gpu else 0},
+        self.tracker.log({"world_size": self.world, "gpus": self.world if self.on_gpu else 0},
                                  state.global_step)
         if state.mlflow_run_id is None:
             params = flatten(to_dict(r))
@@ -134,14 +141,13 @@ class Reporter:
                    "train/data_wait": wait, "train/img_size": img_size}
         if compiled_graphs is not None:
             metrics["train/compiled_graphs"] = compiled_graphs
-        self.tracker.log_metrics(metrics, state.global_step)
+        self.tracker.log(metrics, state.global_step)
         self.window = dict(images=0, wait=0.0, start=time.monotonic())
 
     def evaluated(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self.tracker.log_metrics(metrics, state.global_step)
+        self.tracker.log(metrics, state.global_step)
         if self.rank == 0:
-            log.info("eval epoch %d: %s (%d images)", state.epoch, " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
-                     metrics["val/num_images"])
+            log.info("eval epoch %d: %s", state.epoch, eval_line(metrics))
 
     def interrupted(self, state: TrainState, saved: Path) -> None:
         if self.rank == 0:
@@ -161,7 +167,7 @@ class Reporter:
         if self.rank != 0:
             return
         r, step, tracker = self.recipe, state.global_step, self.tracker
-        tracker.log_metrics({key: value for key, value in summary.items() if key == "best_top1" or key.endswith("px")}, step)
+        tracker.log({key: value for key, value in summary.items() if key == "best_top1" or key.endswith("px")}, step)
         val = f"{self.data_name}/val ({metrics['val/num_images']:.0f} images)"
         for folder, key, which in zip(exported, ("top1", "top1_ema"), ("raw", "EMA")):
             name = f"{r.tracking.run_name}-{r.model.name}" + ("-ema" if key == "top1_ema" else "")
@@ -189,10 +195,10 @@ class Reporter:
         log_file = Path(r.output_dir) / "train.log"
         if log_file.exists():
             tracker.log_artifact(str(log_file))
-        tracker.finish("FINISHED")
+        tracker.close("FINISHED")
         log.info("done: %s", " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
 
     def _end(self, status: str, timeout: float) -> None:
         if self.node_monitor is not None:
             self.node_monitor.finish(timeout)
-        self.tracker.finish(status, timeout=timeout)
+        self.tracker.close(status, timeout=timeout)

@@ -19,22 +19,21 @@ from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 
 import deepspeed
-from fatscale import resume
-from fatscale.config import Recipe, flatten
+from fatscale.checkpoint import resume
+from fatscale.checkpoint.checkpointer import Checkpointer
+from fatscale.checkpoint.state import TrainState, seed_everything
+from fatscale.config import Recipe
 from fatscale.data import ledger
 from fatscale.data.loader import TrainLoader, ValLoader
 from fatscale.data.manifest import load_manifest
 from fatscale.export import export
 from fatscale.train import components
-from fatscale.train.checkpointer import Checkpointer
 from fatscale.train.distributed import StepVote, agree, configure_backends, hold_output_dir, init_distributed
 from fatscale.train.evaluation import evaluate
 from fatscale.train.logs import log_to_file
 from fatscale.train.reporting import Reporter
-from fatscale.train.state import TrainState, seed_everything
 from fatscale.train.watchdog import Watchdog
 from timm.utils import ModelEmaV3, distribute_bn
 
@@ -61,12 +60,6 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def recipe_changes(old_text: str, new_text: str) -> list[str]:
-    """The recipe keys whose values differ between two resolved recipes."""
-    old, new = flatten(yaml.safe_load(old_text)), flatten(yaml.safe_load(new_text))
-    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
-
-
 class Trainer:
     def __init__(self, recipe: Recipe, recipe_text: str, stop: threading.Event | None = None,
                  on_stall: Callable[[str], None] | None = None):
@@ -84,7 +77,7 @@ class Trainer:
         num_classes = recipe.model.num_classes or manifest.num_classes
         resumed = resume.check_output_dir_on_rank_0(recipe, manifest, self.world, self.rank)  # before any state is built
         progress = None if resumed is None else {**resumed[1], "checkpoint": resumed[0]}
-        # The run's global batch on this world (fatscale.resume): the recipe's, or the checkpoint's
+        # The run's global batch on this world (fatscale.checkpoint.resume): the recipe's, or the checkpoint's
         self.layout = resume.layout(recipe, self.world, progress)
         saved_world = self.world if progress is None else progress["resume_identity"]["world_size"]
         if self.rank == 0 and (self.layout.micro_batch, self.layout.grad_accum) != (t.batch_per_device, t.grad_accum):
@@ -103,16 +96,13 @@ class Trainer:
         self.ema = ModelEmaV3(model, decay=recipe.ema.decay, use_warmup=recipe.ema.warmup) \
             if recipe.ema.enabled else None
         self.optimizer = components.build_optimizer(recipe, model, self.layout.global_batch)
-        resharding = saved_world != self.world and t.zero_stage > 0  # fatscale.train.checkpointer
+        resharding = saved_world != self.world and t.zero_stage > 0  # fatscale.checkpoint.checkpointer
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer,
                                                config=components.deepspeed_config(recipe, self.layout, resharding))
         if recipe.model.compile:
             self.engine.compile(backend=recipe.model.compile_backend)
         self.loss_fn = components.build_loss(recipe)
         self.grad_scaler = components.fp16_grad_scaler(self.engine)
-        self.checkpointer = Checkpointer(recipe.checkpoint, output_dir / "checkpoints", self.engine,
-                                         self.ema.module if self.ema is not None else None, self.grad_scaler, self.rank)
-
         self.train_loader = TrainLoader(manifest, recipe.data, recipe.aug, self.layout.micro_batch, self.rank,
                                         self.world, num_classes, self.device, seed=recipe.seed,
                                         grad_accum=self.layout.grad_accum)
@@ -121,16 +111,20 @@ class Trainer:
                                             self.device, img_size=size)
                             for size in recipe.data.val_sizes}
         self.state, changed = TrainState(), []
+        identity = dict(recipe=recipe_text, resume_identity={
+            **resume.identity(recipe, manifest), "global_batch": self.layout.global_batch, "world_size": self.world})
+        self.checkpointer = Checkpointer(recipe.checkpoint, output_dir / "checkpoints", self.rank, engine=self.engine,
+                                         state=self.state, loader=self.train_loader, identity=identity,
+                                         ema=self.ema.module if self.ema is not None else None,
+                                         grad_scaler=self.grad_scaler)
         if resumed is not None:
             checkpoint, progress = resumed
-            self.checkpointer.load(checkpoint.name, self.state, self.train_loader, recipe.seed, saved_world)
-            changed = recipe_changes(progress["recipe"], recipe_text)
+            self.checkpointer.load(checkpoint.name, recipe.seed, saved_world)
+            changed = resume.recipe_changes(progress["recipe"], recipe_text)
             if self.rank == 0:
                 log.info("resuming from %s (epoch %d, step %d)", checkpoint, self.state.epoch, self.state.global_step)
         else:
             seed_everything(recipe.seed + 1 + self.rank)  # per-rank streams for drop path, erasing, Mixup
-        self.checkpointer.identity = dict(recipe=recipe_text, resume_identity={
-            **resume.identity(recipe, manifest), "global_batch": self.layout.global_batch, "world_size": self.world})
         self.ledger = self._open_ledger() if t.sample_log else None
         steps_per_epoch = self.train_loader.steps_per_epoch
         self.total_steps = min(t.epochs * steps_per_epoch, t.max_steps or t.epochs * steps_per_epoch)
@@ -285,7 +279,7 @@ class Trainer:
         self._count_elapsed()
         if self.rank == 0:
             self.state.mlflow_run_id = self.reporter.run_id or self.state.mlflow_run_id  # None while MLflow is away
-        return self.checkpointer.save(self.state, self.train_loader, is_best)
+        return self.checkpointer.save(is_best)
 
     def interrupt(self) -> None:
         saved = self.save()

@@ -12,7 +12,7 @@ clients' environment. Everything lives under ``root``: configs, munge key and so
 datadir, Slurm state and spool, one log per daemon (``root/log/<daemon>.log``, its stderr) and
 our pid files (``root/pids/<daemon>.pid``).
 
-Design (README, "Trying Slurm without a cluster" has the user's view):
+Design (docs/slurm.md, "Trying it without a cluster", has the user's view):
 
 * The daemons are Debian's (slurm-wlm 22.05, munge, MariaDB 10.11), run in the foreground so
   that their PIDs are ours, started in this order: munged (a random key of its own), MariaDB

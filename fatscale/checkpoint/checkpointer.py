@@ -6,15 +6,15 @@ exactly where it stopped:
 - DeepSpeed's engine state: module, optimizer, ZeRO partitions (the LR schedule is a function of
   the step, so it needs none); loaded through ``SafeCheckpointEngine``, which unpickles no code;
 - per rank (``rank-N.json``): the train loader's position (DALI's pipeline checkpoint), this
-  rank's RNG states (fatscale.train.state) and the fp16 loss scaler, which DeepSpeed does not keep;
+  rank's RNG states (fatscale.checkpoint.state) and the fp16 loss scaler, which DeepSpeed does not keep;
 - on rank 0: the EMA weights (safetensors) and ``progress.json``: the TrainState, the recipe's
-  resume identity (fatscale.resume) and the resolved recipe text.
+  resume identity (fatscale.checkpoint.resume) and the resolved recipe text.
 
 Each rank hashes every file it writes right after writing it (DeepSpeed's in ``SafeCheckpointEngine``);
 rank 0 gathers the digests and seals the checkpoint with them (fatscale.checkpoint), which is what
-resume verifies before loading anything (fatscale.resume).
+resume verifies before loading anything (fatscale.checkpoint.resume).
 
-A checkpoint made by another number of ranks (a resume on more or fewer GPUs, fatscale.resume)
+A checkpoint made by another number of ranks (a resume on more or fewer GPUs, fatscale.checkpoint.resume)
 loads too: its ZeRO partitions (stage 1 and 2; without ZeRO rank 0 saves the optimizer whole) are
 converted into DeepSpeed's universal checkpoint first, by rank 0 into ``OUTPUT_DIR/resharding/``
 (removed once loaded), and the engine, built with ``load_universal``, loads that for its own
@@ -35,6 +35,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -43,10 +44,12 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
-from fatscale import checkpoint as ckpt
+from fatscale.checkpoint import layout as ckpt
+from fatscale.checkpoint.state import TrainState, load_rng_state_dict, rng_state_dict, seed_everything
 from fatscale.config import CheckpointConfig
-from fatscale.data.loader import TrainLoader
-from fatscale.train.state import TrainState, load_rng_state_dict, rng_state_dict, seed_everything
+
+if TYPE_CHECKING:  # the loader is DALI's: not imported for a type
+    from fatscale.data.loader import TrainLoader
 
 # Plain data classes in DeepSpeed's ZeRO optimizer states. The weights-only unpickler rebuilds
 # them by setting attributes; it calls no code named in the file. Allowed for the whole process:
@@ -71,17 +74,24 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
 
 
 class Checkpointer:
-    def __init__(self, config: CheckpointConfig, checkpoint_dir: Path, engine, ema: torch.nn.Module | None,
-                 grad_scaler: torch.amp.GradScaler | None, rank: int):
+    """Given once what it saves: the DeepSpeed ``engine``, the run's ``state`` (restored in place),
+    the train ``loader``, the ``ema`` module (ModelEmaV3.module) and the fp16 ``grad_scaler`` when
+    there are any, and ``identity`` (the recipe's resume identity and text, stored with every save)."""
+
+    def __init__(self, config: CheckpointConfig, checkpoint_dir: Path, rank: int, *, engine, state: TrainState,
+                 loader: TrainLoader | None, identity: dict, ema: torch.nn.Module | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None):
         self.config = config
         self.dir = checkpoint_dir
+        self.rank = rank
         self.engine = engine
         self.checkpoint_engine = SafeCheckpointEngine(engine._config)
         engine.checkpoint_engine = self.checkpoint_engine
-        self.ema = ema  # the averaged module (ModelEmaV3.module)
+        self.state = state
+        self.loader = loader
+        self.identity = identity
+        self.ema = ema
         self.grad_scaler = grad_scaler
-        self.rank = rank
-        self.identity: dict = {}  # the recipe's resume identity and text, stored with every save
         self.last_save = time.monotonic()
         self.last_tag: str | None = None  # saved or resumed from by this run
 
@@ -94,11 +104,11 @@ class Checkpointer:
         minutes = self.config.every_minutes
         return self.rank == 0 and minutes is not None and now - self.last_save > 60 * minutes
 
-    def save(self, state: TrainState, loader: TrainLoader, is_best: bool = False) -> Path:
+    def save(self, is_best: bool = False) -> Path:
         """Every rank: its part, into the save's own directory, each file hashed once written;
         then rank 0 seals it with every rank's digests and moves it to its tag. Returns the
         checkpoint's directory."""
-        tag = ckpt.tag_for(state.global_step)
+        tag = ckpt.tag_for(self.state.global_step)
         saving = self.dir / ckpt.saving_dir(tag)
         if self.rank == 0:
             ckpt.clear_saving_dir(self.dir, tag)
@@ -107,12 +117,12 @@ class Checkpointer:
         self.engine.save_checkpoint(str(self.dir), tag=saving.name, save_latest=False)
         files = {str(Path(path).relative_to(saving)): entry
                  for path, entry in self.checkpoint_engine.written.items()}
-        rank_state = dict(loader=loader.state_dict(), rng=rng_state_dict(),
+        rank_state = dict(loader=self.loader.state_dict(), rng=rng_state_dict(),
                           grad_scaler=self.grad_scaler.state_dict() if self.grad_scaler is not None else None)
-        files[f"rank-{self.rank}.json"] = ckpt.write_json_atomic(saving / f"rank-{self.rank}.json", rank_state)
+        files[f"rank-{self.rank}.json"] = ckpt.write_json_record(saving / f"rank-{self.rank}.json", rank_state)
         if self.rank == 0:
-            files["progress.json"] = ckpt.write_json_atomic(saving / "progress.json",
-                                                            {**state.state_dict(), **self.identity})
+            files["progress.json"] = ckpt.write_json_record(saving / "progress.json",
+                                                            {**self.state.state_dict(), **self.identity})
             if self.ema is not None:
                 files["ema.safetensors"] = ckpt.save_safetensors_atomic(self.ema.state_dict(),
                                                                         saving / "ema.safetensors")
@@ -126,20 +136,20 @@ class Checkpointer:
         self.last_save, self.last_tag = time.monotonic(), tag
         return self.dir / tag
 
-    def load(self, tag: str, state: TrainState, loader: TrainLoader, seed: int, saved_world: int) -> None:
-        """Restores the engine, EMA, loss scaler, RNG states, ``state`` and the train loader's
+    def load(self, tag: str, seed: int, saved_world: int) -> None:
+        """Restores the engine, EMA, loss scaler, RNG states, the state and the train loader's
         position from checkpoint ``tag``, made by ``saved_world`` ranks (module docstring)."""
         world = dist.get_world_size()
         if world != saved_world and self.engine.zero_optimization_stage() > 0:
             self._load_resharded(tag)
         else:
             self.engine.load_checkpoint(str(self.dir), tag=tag)
-        state.load_state_dict(ckpt.read_json(self.dir / tag / "progress.json"))
+        self.state.load_state_dict(ckpt.read_json(self.dir / tag / "progress.json"))
         ranks = [ckpt.read_json(self.dir / tag / f"rank-{r}.json") for r in range(saved_world)] \
             if world != saved_world else None
         rank_state = ranks[0] if ranks else ckpt.read_json(self.dir / tag / f"rank-{self.rank}.json")
         if ranks:
-            seed_everything(seed + 1 + self.rank + 1_000_003 * state.global_step)  # this world's own streams
+            seed_everything(seed + 1 + self.rank + 1_000_003 * self.state.global_step)  # this world's own streams
             rank_state["loader"]["quarantine"] = list({json.dumps(q, sort_keys=True): q for r in ranks
                                                        for q in r["loader"]["quarantine"]}.values())
         else:
@@ -148,7 +158,7 @@ class Checkpointer:
             self.grad_scaler.load_state_dict(rank_state["grad_scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(ckpt.load_ema(self.dir, tag))
-        loader.load_state_dict(rank_state["loader"])
+        self.loader.load_state_dict(rank_state["loader"])
         self.last_save, self.last_tag = time.monotonic(), tag
 
     def _load_resharded(self, tag: str) -> None:

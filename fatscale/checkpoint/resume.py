@@ -23,7 +23,9 @@ import json
 import logging
 from pathlib import Path
 
-from fatscale import checkpoint as ckpt
+import yaml
+
+from fatscale.checkpoint import layout as ckpt
 from fatscale.config import Recipe, flatten, to_dict
 from fatscale.data.manifest import Manifest
 from fatscale.data.sample_order import BatchLayout, LayoutError
@@ -162,3 +164,9 @@ def check_output_dir_on_rank_0(recipe: Recipe, manifest: Manifest, world_size: i
     if isinstance(answer[0], ResumeMismatch):
         raise answer[0]
     return answer[0]
+
+
+def recipe_changes(old_text: str, new_text: str) -> list[str]:
+    """The recipe keys whose values differ between two resolved recipes."""
+    old, new = flatten(yaml.safe_load(old_text)), flatten(yaml.safe_load(new_text))
+    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))

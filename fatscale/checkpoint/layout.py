@@ -1,9 +1,7 @@
 """Checkpoints on disk: their layout, their atomic writes, their seals, and the readers of their files.
 
-    python -m fatscale.checkpoint verify OUTPUT_DIR
-
 Layout under ``<output_dir>/checkpoints`` (what each file holds and when one is saved:
-fatscale.train.checkpointer)::
+fatscale.checkpoint.checkpointer)::
 
     latest                     the tag of the last complete checkpoint (replaced atomically)
     step-000000120/            DeepSpeed's files (module, optimizer, ZeRO partitions)
@@ -22,34 +20,26 @@ leaves the checkpoints sealed before it intact; one killed between the two renam
 sealed ``.saving`` directory, which resume takes for its step.
 
 The seal is what resume trusts: it takes the newest sealed checkpoint whose every file has the
-recorded size and digest (fatscale.resume), so bit rot, a flaky file system or a copy cut short
+recorded size and digest (fatscale.checkpoint.resume), so bit rot, a flaky file system or a copy cut short
 make it fall back to an older checkpoint instead of loading wrong numbers. A seal written before
 checksums (an empty ``COMPLETE``) is trusted unverified, as it was then. Loading never unpickles
 code: DeepSpeed's files go through ``torch.load(weights_only=True)``, the rest is JSON and
 safetensors.
-
-``verify`` prints one line per checkpoint directory, oldest first: ``good``, ``damaged`` (naming
-the file and what is wrong), ``unverifiable`` (sealed without checksums by an older fatscale) or
-``unsealed`` (a save in progress or cut short). Exit status: 0 when the newest sealed checkpoint is
-good or unverifiable (a resume starts from it), 2 when it is damaged but an older one is not (a
-resume falls back to that one), 1 when none is usable or there is none.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fatscale.atomic import fsync_path, replacing, write_atomic
+from fatscale.atomic import fsync_path, replacing, write_atomic, write_json_atomic
 
 if TYPE_CHECKING:  # torch is imported by the functions that need it: the launchers' checks read tags only
     import torch
@@ -82,11 +72,9 @@ def bytes_record(data: bytes) -> dict:
     return _record(len(data), hashlib.new(HASH, data))
 
 
-def write_json_atomic(path: Path, obj: Any) -> dict:
-    """Writes ``obj`` as JSON; returns the file's entry for the seal."""
-    data = json.dumps(obj, indent=1, sort_keys=True).encode()
-    write_atomic(path, data)
-    return bytes_record(data)
+def write_json_record(path: Path, obj: Any) -> dict:
+    """Writes ``obj`` as JSON (fatscale.atomic); returns the file's entry for the seal."""
+    return bytes_record(write_json_atomic(path, obj, sort_keys=True))
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> dict:
@@ -106,6 +94,11 @@ def tag_for(step: int) -> str:
 def saving_dir(tag: str) -> str:
     """Where the save of ``tag`` is written until it is sealed."""
     return tag + SAVING
+
+
+def checkpoint_folders(checkpoint_dir: Path) -> list[str]:
+    """Every checkpoint directory's name, sealed or a save in progress, oldest first."""
+    return sorted(p.name for p in checkpoint_dir.glob("step-*") if _CHECKPOINT.fullmatch(p.name))
 
 
 def latest_tag(checkpoint_dir: Path) -> str | None:
@@ -165,7 +158,7 @@ def mark_complete(checkpoint_dir: Path, tag: str, files: dict[str, dict], is_bes
     """Rank 0, once every rank's part of the save is in ``saving_dir(tag)``: seal it with ``files``
     (path in the checkpoint -> its entry), move it to ``tag``, then move the pointers."""
     saved = checkpoint_dir / saving_dir(tag)
-    write_json_atomic(saved / COMPLETE, {"files": files})
+    write_json_atomic(saved / COMPLETE, {"files": files}, sort_keys=True)
     _move_into_place(saved, checkpoint_dir / tag)
     if is_best:
         write_atomic(checkpoint_dir / BEST, tag.encode())
@@ -267,39 +260,3 @@ def module_state_dict(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]
         raise RuntimeError(f"{checkpoint_dir / tag}: no DeepSpeed model states file")
     state = torch.load(files[0], map_location="cpu", weights_only=True)
     return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
-
-
-def _describe(verdict: Verdict) -> str:
-    if not verdict.good:
-        return f"damaged: {verdict.damage}"
-    return "good" if verdict.checksummed else "unverifiable: sealed without checksums by an older fatscale"
-
-
-def verify_output_dir(output_dir: Path) -> int:
-    """``verify``: one line per checkpoint directory, oldest first; the exit status."""
-    checkpoint_dir = output_dir / "checkpoints"
-    folders = sorted(p.name for p in checkpoint_dir.glob("step-*") if _CHECKPOINT.fullmatch(p.name))
-    if not folders:
-        print(f"{checkpoint_dir}: no checkpoint", file=sys.stderr)
-        return 1
-    sealed = sealed_tags(checkpoint_dir)
-    verdicts = {tag: verify(checkpoint_dir, tag) for tag in sealed}
-    for name in folders:
-        state = _describe(verdicts[name]) if name in verdicts else "unsealed (a save in progress or cut short)"
-        print(f"{name}  {state}")
-    usable = [tag for tag in sealed if verdicts[tag].good]
-    return 1 if not usable else 0 if usable[0] == sealed[0] else 2
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fatscale.checkpoint", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    verify_parser = commands.add_parser("verify", help="check every checkpoint of OUTPUT_DIR against its seal",
-                                        description=__doc__.split("\n\n")[-1].replace("``", ""))
-    verify_parser.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
-    args = parser.parse_args(argv)
-    sys.exit(verify_output_dir(args.output_dir))
-
-
-if __name__ == "__main__":
-    main()

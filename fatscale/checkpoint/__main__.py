@@ -1,0 +1,3 @@
+from fatscale.checkpoint.cli import main
+
+main()

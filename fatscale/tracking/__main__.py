@@ -1,0 +1,5 @@
+import sys
+
+from fatscale.tracking.cli import main
+
+sys.exit(main())
