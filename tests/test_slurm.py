@@ -29,8 +29,7 @@ def test_slurm_time_limits():
 
 
 def test_gpu_nodes_get_one_task_per_gpu(tmp_path, demo_shards):
-    sys.path.insert(0, str(REPO / "launch"))
-    import slurm as launcher
+    from fatscale.launch import slurm as launcher
 
     recipe = load_recipe(demo_recipe(tmp_path, demo_shards, slurm={"gpus_per_node": 8, "tasks_per_node": None,
                                                                     "partition": "gpu", "time": "1-00:00:00"}))

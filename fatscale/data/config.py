@@ -23,8 +23,6 @@ def _rand_augment(config: str) -> str | None:
 
 
 DECODE_DEVICES = ("auto", "mixed", "cpu")
-
-
 MIN_IMG_SIZE = 32  # FAT's smallest input (every conv pads k//2; stride-2 ones round odd sizes up)
 
 

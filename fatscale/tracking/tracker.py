@@ -219,7 +219,7 @@ class Tracker(BaseTracker):
         if self._result is not None:
             return self._result
         if status not in TERMINAL_STATUSES:
-            raise ValueError(f"close status must be FINISHED, FAILED or KILLED, not {status!r}")
+            raise ValueError(f"finish status must be FINISHED, FAILED or KILLED, not {status!r}")
         deadline = time.monotonic() + timeout
         self._finishing.set()
         if self._monitor is not None:
