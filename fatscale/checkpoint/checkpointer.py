@@ -79,7 +79,7 @@ class Checkpointer:
     there are any, and ``identity`` (the recipe's resume identity and text, stored with every save)."""
 
     def __init__(self, config: CheckpointConfig, checkpoint_dir: Path, rank: int, *, engine, state: TrainState,
-                 loader: TrainLoader | None, identity: dict, ema: torch.nn.Module | None = None,
+                 loader: TrainLoader, identity: dict, ema: torch.nn.Module | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None):
         self.config = config
         self.dir = checkpoint_dir

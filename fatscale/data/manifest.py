@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,8 @@ class Manifest(Section):
     def _check_together(self) -> None:
         if len(self.class_names) != len(self.classes):
             raise SchemaError(f"class_names: must be a list of {len(self.classes)} strings, one per class")
-        listed = [shard.path for split in self.splits.values() for shard in split.shards]
-        twice = sorted(path for path in set(listed) if listed.count(path) > 1)
+        listed = Counter(shard.path for split in self.splits.values() for shard in split.shards)
+        twice = sorted(path for path, times in listed.items() if times > 1)
         if twice:
             raise SchemaError(f"splits: shard {twice[0]!r} is listed twice")
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 # MLflow's REST client retries a failed request for ~4 minutes by default (7 retries, backoff
 # factor 2), which would hold up the queue; the tracker retries itself. MLflow reads these from
 # the environment at every request, process-wide, so they are set only where the user has not set
-# them (README, "Experiment tracking").
+# them (docs/tracking.md).
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 

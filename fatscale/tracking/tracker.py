@@ -5,7 +5,7 @@ daemon thread delivers the queue in order through an ``MlflowClient`` (explicit 
 global state). While the tracking server is unreachable it logs one warning and retries with
 exponential backoff. ``close()`` waits at most its timeout for the queue to drain; the run's
 terminal status is the queue's last record, so it is set only once everything before it is in.
-README section "Experiment tracking" has the details.
+docs/tracking.md has the user's view.
 
 What ``close()`` could not deliver in time goes, if the Tracker has a ``spill_path``, to that
 spill file (fatscale.tracking.spill), with a warning naming it and the command that delivers it.
